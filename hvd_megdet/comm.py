@@ -1,0 +1,280 @@
+"""The distributed state: the one module that imports Horovod.
+
+MegDet (arXiv 1711.07240, Sec. 3.3) takes BN statistics over the GPUs of one machine. Here the ranks
+are grouped by hostname (gathered with mpi4py before Horovod starts), each group becomes a Horovod
+process set registered at ``hvd.init``, and CGBN reduces over the set that holds this rank.
+
+Everything else receives a :class:`DistContext` explicitly and calls the collectives below. Without a
+launcher (a plain ``python`` process) ``init`` still works: Horovod runs as a world of one, or, if
+Horovod is not installed, every collective here is the identity.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+try:  # Optional so that data preparation and single-process tools run without Horovod.
+    import horovod.torch as hvd
+except ImportError:  # pragma: no cover - exercised only on machines without Horovod
+    hvd = None
+
+RANKS_PER_HOST_ENV = "HVD_MEGDET_RANKS_PER_HOST"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits. Built once by :func:`init`, then passed to whoever needs it.
+
+    Attributes:
+        rank, size: position in, and size of, the whole job.
+        local_rank, local_size: position in, and size of, this rank's host group.
+        host_index, num_hosts: which host group (in order of first rank), and how many there are.
+        bn_ranks: the global ranks whose images share BN statistics with this rank (CGBN group).
+        bn_process_set: the Horovod process set of ``bn_ranks``; None when the group is this rank
+            alone or Horovod is not running (CGBN then communicates nothing).
+        horovod: True when Horovod was initialised (collectives really communicate).
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    host_index: int = 0
+    num_hosts: int = 1
+    bn_ranks: tuple[int, ...] = (0,)
+    bn_process_set: Any = field(default=None, compare=False)
+    horovod: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that logs, writes checkpoints and scores evaluations."""
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouping (pure)
+# ---------------------------------------------------------------------------------------------------
+def host_groups(hostnames: Sequence[str], group_size: int | None = None) -> list[list[int]]:
+    """Group ranks by hostname, in rank order, optionally splitting each host into fixed-size groups.
+
+    Args:
+        hostnames: the hostname of every rank, indexed by rank.
+        group_size: if given, each host's ranks are cut into consecutive groups of this many ranks.
+
+    Returns:
+        Groups of global ranks, ordered by their first rank; identical on every rank given the same
+        ``hostnames``, which Horovod requires of process sets.
+
+    >>> host_groups(["a", "a", "b", "b"])
+    [[0, 1], [2, 3]]
+    >>> host_groups(["a"] * 4, group_size=2)
+    [[0, 1], [2, 3]]
+    """
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"bn_group_size must be >= 1, got {group_size}")
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hostnames):
+        by_host.setdefault(host, []).append(rank)
+    groups: list[list[int]] = []
+    for host, ranks in by_host.items():
+        if group_size is None:
+            groups.append(ranks)
+            continue
+        if len(ranks) % group_size:
+            raise ValueError(
+                f"bn_group_size={group_size} does not divide the {len(ranks)} ranks on host "
+                f"{host!r} (ranks {ranks}); choose a divisor of the ranks per host"
+            )
+        groups.extend(ranks[i:i + group_size] for i in range(0, len(ranks), group_size))
+    return sorted(groups, key=lambda g: g[0])
+
+
+def simulated_hostnames(hostnames: Sequence[str], ranks_per_host: int | None) -> list[str]:
+    """With ``ranks_per_host=k``, consecutive blocks of k ranks count as separate hosts (for tests)."""
+    if not ranks_per_host:
+        return list(hostnames)
+    return [f"{host}#{rank // ranks_per_host}" for rank, host in enumerate(hostnames)]
+
+
+def _context_from_groups(rank: int, hostnames: Sequence[str], bn_groups: list[list[int]],
+                         process_sets: dict[tuple[int, ...], Any], horovod: bool) -> DistContext:
+    host_ranks = host_groups(hostnames)
+    host_index = next(i for i, g in enumerate(host_ranks) if rank in g)
+    bn_ranks = tuple(next(g for g in bn_groups if rank in g))
+    return DistContext(
+        rank=rank, size=len(hostnames),
+        local_rank=host_ranks[host_index].index(rank), local_size=len(host_ranks[host_index]),
+        host_index=host_index, num_hosts=len(host_ranks),
+        bn_ranks=bn_ranks, bn_process_set=process_sets.get(bn_ranks), horovod=horovod,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up
+# ---------------------------------------------------------------------------------------------------
+def _launched_with_mpi() -> bool:
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+
+
+def init(bn_group_size: int | None = None) -> DistContext:
+    """Start Horovod with one process set per BN group and describe this rank.
+
+    Under an MPI launcher (mpirun, srun --mpi=pmix, horovodrun without --gloo) hostnames are gathered
+    with mpi4py and the sets registered at ``hvd.init(comm=..., process_sets=...)``. Under
+    ``horovodrun --gloo`` there is no MPI, so hostnames go through Horovod itself and the sets are
+    added afterwards as dynamic process sets. Every rank registers the same sets in the same order.
+
+    Args:
+        bn_group_size: ranks per CGBN group; None takes every rank of the host (the paper's choice).
+    """
+    ranks_per_host = int(os.environ.get(RANKS_PER_HOST_ENV, "0")) or None
+    if hvd is None:
+        if int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1:
+            raise RuntimeError("launched on several ranks but horovod is not importable: run `make setup`")
+        return DistContext()
+
+    if _launched_with_mpi() or "HOROVOD_RANK" not in os.environ:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        # dist(world, mpi4py): every rank learns every rank's host before Horovod starts.
+        hostnames = simulated_hostnames(comm.allgather(socket.gethostname()), ranks_per_host)
+        bn_groups = host_groups(hostnames, bn_group_size)
+        sets = _process_sets_for(bn_groups, comm.size)
+        # dist(world): Horovod on MPI_COMM_WORLD, with the BN sets registered identically everywhere.
+        hvd.init(comm=comm, process_sets=list(sets.values()))
+    else:
+        os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"  # must precede hvd.init
+        hvd.init()
+        # dist(world, gloo): hostnames through Horovod, since there is no MPI communicator.
+        hostnames = simulated_hostnames(hvd.allgather_object(socket.gethostname()), ranks_per_host)
+        bn_groups = host_groups(hostnames, bn_group_size)
+        sets = {ranks: hvd.add_process_set(ps) for ranks, ps in
+                _process_sets_for(bn_groups, hvd.size()).items()}
+    if len(bn_groups) == 1 and hvd.size() > 1:
+        sets[tuple(bn_groups[0])] = hvd.global_process_set  # one group of everyone: the global set
+    return _context_from_groups(hvd.rank(), hostnames, bn_groups, sets, horovod=True)
+
+
+def _process_sets_for(bn_groups: list[list[int]], size: int) -> dict[tuple[int, ...], Any]:
+    # Groups of one rank need no communication, and Horovod already owns the set of all ranks.
+    return {tuple(g): hvd.ProcessSet(g) for g in bn_groups if 1 < len(g) < size}
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.horovod:
+        hvd.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collectives. Each is the identity without Horovod or in a world of one.
+# ---------------------------------------------------------------------------------------------------
+def allreduce_sum_(tensor: torch.Tensor, process_set: Any, name: str | None = None) -> torch.Tensor:
+    """In-place sum over ``process_set`` (None: no communication). Not differentiable."""
+    if process_set is None:
+        return tensor
+    # dist(process set): summed over the given set only, e.g. one CGBN group.
+    return hvd.allreduce_(tensor, op=hvd.Sum, process_set=process_set, name=name)
+
+
+def allreduce_differentiable(tensor: torch.Tensor, process_set: Any, average: bool = False,
+                             name: str | None = None) -> torch.Tensor:
+    """Out-of-place, differentiable sum (or mean) over ``process_set``; its backward reduces too."""
+    if process_set is None:
+        return tensor
+    # dist(process set): Horovod's backward allreduces the gradient over the same set.
+    return hvd.allreduce(tensor, op=hvd.Average if average else hvd.Sum, process_set=process_set, name=name)
+
+
+def allreduce_mean(tensor: torch.Tensor, ctx: DistContext, name: str | None = None) -> torch.Tensor:
+    """Mean over all ranks (out of place)."""
+    if not ctx.horovod or ctx.size == 1:
+        return tensor
+    # dist(world): averaged over every rank.
+    return hvd.allreduce(tensor, op=hvd.Average, name=name)
+
+
+def reduce_dict(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Average a dict of scalars over all ranks in one collective (for logging)."""
+    if not values or not ctx.horovod or ctx.size == 1:
+        return dict(values)
+    keys = sorted(values)
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    # dist(world): one fused allreduce of every logged scalar.
+    mean = hvd.allreduce(stacked, op=hvd.Average, name="reduce_dict")
+    return dict(zip(keys, mean.tolist()))
+
+
+def allgather_object(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not ctx.horovod or ctx.size == 1:
+        return [obj]
+    # dist(world): pickled objects gathered to every rank.
+    return hvd.allgather_object(obj)
+
+
+def broadcast_object(obj: Any, ctx: DistContext, root: int = 0) -> Any:
+    """Rank ``root``'s ``obj`` on every rank."""
+    if not ctx.horovod or ctx.size == 1:
+        return obj
+    # dist(world): one rank decides (e.g. which checkpoint to resume), everyone follows.
+    return hvd.broadcast_object(obj, root_rank=root)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.horovod and ctx.size > 1:
+        hvd.barrier()  # dist(world)
+
+
+def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    ctx: DistContext, root: int = 0) -> None:
+    """Make every rank start from rank ``root``'s weights, buffers and optimizer state."""
+    if not ctx.horovod or ctx.size == 1:
+        return
+    # dist(world): parameters and buffers (BN running stats included) from the root rank.
+    hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+    if optimizer is not None:
+        # dist(world): momentum buffers and per-group settings (lr) from the root rank.
+        hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+
+
+def distributed_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ctx: DistContext,
+                          *, fp16_compression: bool = False,
+                          backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that ``step()`` applies gradients averaged over all ranks.
+
+    Without Horovod the optimizer is returned as is (a world of one needs no averaging).
+    """
+    if not ctx.horovod:
+        return optimizer
+    # dist(world): gradients are averaged across every rank by allreduce hooks during backward;
+    # fp16 compression halves the bytes on the wire.
+    return hvd.DistributedOptimizer(
+        optimizer,
+        named_parameters=model.named_parameters(),
+        compression=hvd.Compression.fp16 if fp16_compression else hvd.Compression.none,
+        backward_passes_per_step=backward_passes_per_step,
+        op=hvd.Average,
+    )
+
+
+def optimizer_skip_synchronize(optimizer: torch.optim.Optimizer):
+    """Context for ``step()`` after an explicit ``optimizer.synchronize()`` (gradient clipping)."""
+    import contextlib
+
+    return optimizer.skip_synchronize() if hasattr(optimizer, "skip_synchronize") else contextlib.nullcontext()
+
+
+def synchronize_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Wait for the averaged gradients (needed before clipping them)."""
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()  # dist(world): finish the gradient allreduces now
+
+
+def real_local_rank() -> int:
+    """The rank within the physical machine (device selection); ignores simulated hosts."""
+    return hvd.local_rank() if hvd is not None and hvd.is_initialized() else 0
