@@ -7,6 +7,16 @@ import traceback
 from pathlib import Path
 
 
+def _wait_for_all_ranks() -> None:
+    """Exit together: Horovod shuts down for everyone when one rank exits, which would break ranks
+    still working in another process set."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Barrier()
+
+
 def main() -> int:
     payload, out = Path(sys.argv[1]), Path(sys.argv[2])
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
@@ -18,6 +28,7 @@ def main() -> int:
         tmp = out / f"rank{rank}.pkl.tmp"
         tmp.write_bytes(pickle.dumps(result))
         tmp.rename(out / f"rank{rank}.pkl")
+        _wait_for_all_ranks()
         return 0
     except BaseException:  # noqa: BLE001 - every failure must reach the test report
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
