@@ -237,7 +237,10 @@ def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
         return
     # dist(world): parameters and buffers (BN running stats included) from the root rank.
     hvd.broadcast_parameters(model.state_dict(), root_rank=root)
-    if optimizer is not None:
+    # An empty optimizer state is identical everywhere already. Horovod would fill it with a dummy
+    # zero-gradient step, which applies weight decay to the weights just broadcast and seeds the
+    # momentum with it, so broadcast only a state that exists (after a resume, on every rank).
+    if optimizer is not None and optimizer.state_dict()["state"]:
         # dist(world): momentum buffers and per-group settings (lr) from the root rank.
         hvd.broadcast_optimizer_state(optimizer, root_rank=root)
 
@@ -252,7 +255,8 @@ def distributed_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     if not ctx.horovod:
         return optimizer
     # dist(world): gradients are averaged across every rank by allreduce hooks during backward;
-    # fp16 compression halves the bytes on the wire.
+    # fp16 compression halves the bytes on the wire. With backward_passes_per_step=k the k local
+    # gradients are summed before the allreduce: the trainer divides each pass's loss by k.
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=model.named_parameters(),

@@ -1,0 +1,142 @@
+"""The detector: torchvision Faster R-CNN on a ResNet FPN backbone, with MegDet's norm choices.
+
+    model = build_model(cfg.model, dist, num_classes=dataset.num_classes, min_size=..., max_size=...)
+
+Norm layers follow the paper's Table 3 through ``convert_norm``: frozen ImageNet statistics (16-base),
+BN on each rank's own images ("local"), or CGBN over the ranks of ``dist.bn_process_set``. Stages that
+``trainable_layers`` leaves frozen keep frozen BN whatever the mode, so they neither communicate nor
+move their statistics. Sub-linear memory (Chen et al., arXiv 1604.06174) checkpoints each bottleneck
+block through ``cgbn.checkpoint``, which keeps CGBN exact and collective-free on recomputation.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from hvd_megdet import cgbn
+from hvd_megdet.comm import DistContext
+from hvd_megdet.config import ModelConfig
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+RESNETS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+}
+
+
+class CheckpointedStage(nn.Sequential):
+    """A ResNet stage whose blocks are recomputed in backward instead of keeping their activations.
+
+    A subclass of ``nn.Sequential`` with the same children, so state_dict keys do not change.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            if self.training and torch.is_grad_enabled():
+                x = cgbn.checkpoint(block, x)
+            else:
+                x = block(x)
+        return x
+
+
+def load_backbone_weights(resnet: nn.Module, path: str) -> None:
+    """Load a torchvision-format ResNet state dict from disk (compute nodes have no internet)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model.backbone_weights: no such file {path}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a torchvision {type(resnet).__name__} state dict "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _norm_factory(mode: str, dist: DistContext):
+    """A ``norm_layer(num_channels)`` callable for layers built fresh (FPN, box head)."""
+    if mode == "frozen":
+        return None  # no norm where none was pretrained: the FPN and head stay as in the paper's baseline
+    if mode == "local":
+        return nn.BatchNorm2d
+    return functools.partial(cgbn.CrossGPUBatchNorm2d, process_set=dist.bn_process_set)
+
+
+def build_backbone(cfg: ModelConfig, dist: DistContext) -> BackboneWithFPN:
+    """ResNet + FPN with norm layers of ``cfg.norm`` in the trainable stages."""
+    if not 0 <= cfg.trainable_layers <= 5:
+        raise ValueError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
+    resnet = RESNETS[cfg.backbone](weights=None, norm_layer=FrozenBatchNorm2d)
+    if cfg.backbone_weights:
+        load_backbone_weights(resnet, cfg.backbone_weights)
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:cfg.trainable_layers]
+    for name, param in resnet.named_parameters():
+        param.requires_grad_(any(name.startswith(t) for t in trainable) or
+                             (name.startswith("bn1") and "conv1" in trainable))
+    for stage in STAGES:
+        if stage in trainable:
+            module = cgbn.convert_norm(getattr(resnet, stage), cfg.norm, dist.bn_process_set, _prefix=stage)
+            setattr(resnet, stage, module)
+    if "conv1" in trainable:
+        resnet.bn1 = cgbn.convert_norm(resnet.bn1, cfg.norm, dist.bn_process_set, _prefix="bn1")
+    if cfg.sublinear_memory:
+        for stage in STAGES:
+            setattr(resnet, stage, CheckpointedStage(*getattr(resnet, stage)))
+    channels = resnet.layer4[-1].conv3.out_channels if hasattr(resnet.layer4[-1], "conv3") else 512
+    in_channels = [channels // 8, channels // 4, channels // 2, channels]
+    fpn_norm = _norm_factory(cfg.norm, dist) if cfg.bn_in_fpn else None
+    return BackboneWithFPN(
+        resnet, return_layers={s: str(i) for i, s in enumerate(STAGES)}, in_channels_list=in_channels,
+        out_channels=256, extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
+
+
+def build_model(cfg: ModelConfig, dist: DistContext, num_classes: int, *,
+                min_size: int = 800, max_size: int = 1333) -> FasterRCNN:
+    """Faster R-CNN with FPN, as in MegDet Sec. 4.
+
+    Args:
+        cfg: the model section of the run config.
+        dist: where this rank sits; its BN process set is what CGBN reduces over.
+        num_classes: foreground classes + 1 (background), from the dataset.
+        min_size, max_size: the data pipeline's resize, given to the model too so that its own
+            resize leaves already-resized images as they are.
+    """
+    backbone = build_backbone(cfg, dist)
+    box_head = None
+    if cfg.bn_in_head:
+        head_norm = _norm_factory(cfg.norm, dist) or nn.BatchNorm2d
+        box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
+                                      norm_layer=head_norm)
+    model = FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                       box_head=box_head)
+    _name_collectives(model)
+    return model
+
+
+def _name_collectives(model: nn.Module) -> None:
+    # Collective names must match across ranks: the module path is the same on every rank.
+    for name, module in model.named_modules():
+        if isinstance(module, cgbn.CrossGPUBatchNorm2d):
+            module.collective_name = f"cgbn.{name}"
+
+
+def count_norm_layers(model: nn.Module) -> dict[str, int]:
+    """How many layers of each norm type the model holds (for logs and tests)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
