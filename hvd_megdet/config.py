@@ -8,6 +8,7 @@ Derived values (global batch, scaled LR) are computed by the trainer and logged,
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return tuple(_coerce(v, inner, key) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and value is None:
         return ""
     if type(value) is not annotation:
@@ -173,6 +179,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         cfg = from_dict(parse_override(text), cfg)
     return cfg
+
+
+def load_or_exit(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """``load_config`` for command lines: a bad config ends the program with its message, exit code 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -97,9 +97,9 @@ def train_step(model, optimizer, scaler, batches: list, settings: StepSettings, 
         loss = sum(loss_dict.values())
         # dist(world): every rank learns whether any rank's loss is non-finite, so all stop or skip
         # together instead of some ranks waiting forever in the gradient allreduce.
-        bad = comm.allgather_object(not math.isfinite(loss.item()), ctx)
-        if any(bad):
-            bad_ranks = [r for r, b in enumerate(bad) if b]
+        finite = math.isfinite(loss.item())
+        if comm.allreduce_mean(torch.tensor([0.0 if finite else 1.0]), ctx, name="nonfinite").item() > 0:
+            bad_ranks = [r for r, ok in enumerate(comm.allgather_object(finite, ctx)) if not ok]
             if settings.on_nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {progress.iteration} on rank(s) {bad_ranks}: "

@@ -55,30 +55,45 @@ def load_backbone_weights(resnet: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"model.backbone_weights: no such file {path}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one holding more than tensors
+        raise ValueError(f"model.backbone_weights: {path} is not a PyTorch state dict ({type(err).__name__})") from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.backbone_weights: {path} holds a {type(state).__name__}, not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = resnet.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch, e.g. ResNet-18 weights for a ResNet-50
+        raise ValueError(f"model.backbone_weights: {path} does not fit {type(resnet).__name__}: {err}") from err
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(f"{path}: not a torchvision {type(resnet).__name__} state dict "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
+def _bn_set(mode: str, dist: DistContext):
+    # "local" BN is CrossGPUBatchNorm2d without a process set rather than nn.BatchNorm2d: the same
+    # statistics, but safe under sub-linear memory (nn.BatchNorm2d would update its running
+    # statistics again when checkpointing recomputes the block).
+    return dist.bn_process_set if mode == "cgbn" else None
+
+
 def _norm_factory(mode: str, dist: DistContext):
     """A ``norm_layer(num_channels)`` callable for layers built fresh (FPN, box head)."""
-    if mode == "frozen":
-        return None  # no norm where none was pretrained: the FPN and head stay as in the paper's baseline
-    if mode == "local":
-        return nn.BatchNorm2d
-    return functools.partial(cgbn.CrossGPUBatchNorm2d, process_set=dist.bn_process_set)
+    return functools.partial(cgbn.CrossGPUBatchNorm2d, process_set=_bn_set(mode, dist))
 
 
 def build_backbone(cfg: ModelConfig, dist: DistContext) -> BackboneWithFPN:
     """ResNet + FPN with norm layers of ``cfg.norm`` in the trainable stages."""
     if not 0 <= cfg.trainable_layers <= 5:
         raise ValueError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
+    if cfg.norm == "frozen" and (cfg.bn_in_fpn or cfg.bn_in_head):
+        raise ValueError("model.bn_in_fpn / model.bn_in_head add trainable BN: they need model.norm "
+                         "local or cgbn, not frozen")
+    layer_mode = "frozen" if cfg.norm == "frozen" else "cgbn"  # see _bn_set
     resnet = RESNETS[cfg.backbone](weights=None, norm_layer=FrozenBatchNorm2d)
     if cfg.backbone_weights:
         load_backbone_weights(resnet, cfg.backbone_weights)
@@ -88,10 +103,10 @@ def build_backbone(cfg: ModelConfig, dist: DistContext) -> BackboneWithFPN:
                              (name.startswith("bn1") and "conv1" in trainable))
     for stage in STAGES:
         if stage in trainable:
-            module = cgbn.convert_norm(getattr(resnet, stage), cfg.norm, dist.bn_process_set, _prefix=stage)
+            module = cgbn.convert_norm(getattr(resnet, stage), layer_mode, _bn_set(cfg.norm, dist), _prefix=stage)
             setattr(resnet, stage, module)
     if "conv1" in trainable:
-        resnet.bn1 = cgbn.convert_norm(resnet.bn1, cfg.norm, dist.bn_process_set, _prefix="bn1")
+        resnet.bn1 = cgbn.convert_norm(resnet.bn1, layer_mode, _bn_set(cfg.norm, dist), _prefix="bn1")
     if cfg.sublinear_memory:
         for stage in STAGES:
             setattr(resnet, stage, CheckpointedStage(*getattr(resnet, stage)))
@@ -117,7 +132,7 @@ def build_model(cfg: ModelConfig, dist: DistContext, num_classes: int, *,
     backbone = build_backbone(cfg, dist)
     box_head = None
     if cfg.bn_in_head:
-        head_norm = _norm_factory(cfg.norm, dist) or nn.BatchNorm2d
+        head_norm = _norm_factory(cfg.norm, dist)
         box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
                                       norm_layer=head_norm)
     model = FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,

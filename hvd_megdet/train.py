@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from hvd_megdet import checkpoint, comm, engine, lr_schedule
-from hvd_megdet.config import Config, ConfigError, load_config, save_config, to_dict
+from hvd_megdet.config import Config, load_or_exit, save_config, to_dict
 from hvd_megdet.data import DistributedShardSampler, GroupedBatchSampler, ShardedCocoDataset, build_transforms, collate_fn
 from hvd_megdet.metrics import MetricLogger, setup_console_logging, write_loss_plot
 from hvd_megdet.model import build_model, count_norm_layers
@@ -200,11 +200,7 @@ def evaluate_epoch(model, cfg: Config, ctx: comm.DistContext, device, logger: Me
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_or_exit(args.config, args.set)
     ctx = comm.init(cfg.model.bn_group_size)
     setup_console_logging(ctx.is_main)
     try:

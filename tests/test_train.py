@@ -139,7 +139,9 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------ entry point
 def test_unknown_config_key_is_an_error_naming_it(capsys):
-    assert train.main(["--set", "solver.warmup=10"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--set", "solver.warmup=10"])
+    assert exit_info.value.code == 2
     assert "unknown config key 'solver.warmup'" in capsys.readouterr().err
 
 
