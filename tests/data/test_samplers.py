@@ -1,0 +1,158 @@
+"""Sampler properties for every rank of 2- and 4-rank worlds (pure functions, no processes)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from hvd_megdet.data import DistributedShardSampler, GroupedBatchSampler, shard_indices
+from hvd_megdet.data.samplers import LANDSCAPE, PORTRAIT, aspect_groups, epoch_order, group_batches
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("n", [30, 31, 3])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_equal_lengths_disjoint_and_padded_by_repetition(world, n, shuffle):
+    parts = [shard_indices(n, r, world, seed=5, epoch=2, shuffle=shuffle) for r in range(world)]
+    per_rank = math.ceil(n / world)
+    assert [len(p) for p in parts] == [per_rank] * world
+    flat = [i for p in parts for i in p]
+    assert sorted(flat[:n]) == list(range(n))  # before the padding: every index exactly once
+    counts = Counter(flat)
+    assert set(counts) == set(range(n)) and max(counts.values()) <= math.ceil(per_rank * world / n)
+    assert sum(counts.values()) - n == per_rank * world - n  # padding = repetitions only
+    if not shuffle:
+        assert flat[:n] == list(range(n))
+
+
+def test_order_depends_on_epoch_and_seed_only():
+    a = shard_indices(100, 1, 4, seed=0, epoch=0)
+    assert a == shard_indices(100, 1, 4, seed=0, epoch=0)
+    assert a != shard_indices(100, 1, 4, seed=0, epoch=1)
+    assert a != shard_indices(100, 1, 4, seed=1, epoch=0)
+    assert sorted(epoch_order(100, 0, 3)) == list(range(100))
+
+
+def _shards_of(indices: list[int], shard_size: int) -> set[int]:
+    return {i // shard_size for i in indices}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shard_granularity_keeps_each_rank_on_few_files(world):
+    n, shard_size = 1000, 100
+    sizes = [shard_size] * (n // shard_size)
+    per_rank = math.ceil(n / world)
+    for r in range(world):
+        mine = shard_indices(n, r, world, seed=0, epoch=1, shard_sizes=sizes)
+        touched = _shards_of(mine, shard_size)
+        assert len(touched) <= math.ceil(per_rank / shard_size) + 1  # vs all 10 with a global shuffle
+        switches = sum(a // shard_size != b // shard_size for a, b in zip(mine, mine[1:]))
+        assert switches > 4 * len(touched)  # the rank's shards are interleaved, not read one after another
+    assert len(_shards_of(shard_indices(n, 0, world, seed=0, epoch=1), shard_size)) == 10
+    flat = [i for r in range(world) for i in shard_indices(n, r, world, 0, 1, shard_sizes=sizes)]
+    assert sorted(flat) == list(range(n))
+    assert shard_indices(n, 0, world, 0, 1, shard_sizes=sizes) != shard_indices(n, 0, world, 0, 2, shard_sizes=sizes)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        shard_indices(10, 2, 2)
+    with pytest.raises(ValueError):
+        shard_indices(10, 0, 2, shard_sizes=[3, 3])
+
+
+class _DS:
+    def __init__(self, n: int, shard_size: int = 8) -> None:
+        self.n = n
+        self.shard_sizes = [shard_size] * (n // shard_size) + ([n % shard_size] if n % shard_size else [])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("shard_shuffle", [False, True])
+def test_sampler_iterates_its_share_and_resumes_exactly(shard_shuffle):
+    ds = _DS(30)
+    s = DistributedShardSampler(ds, rank=1, size=4, seed=3, shard_shuffle=shard_shuffle)
+    s.set_epoch(2)
+    full = list(s)
+    assert len(s) == len(full) == 8
+    assert full == shard_indices(30, 1, 4, 3, 2, shard_sizes=ds.shard_sizes if shard_shuffle else None)
+    it = iter(s)
+    taken = [next(it) for _ in range(3)]
+    state = s.state_dict()
+    assert state["epoch"] == 2 and state["consumed"] == 3 and taken == full[:3]
+    fresh = DistributedShardSampler(ds, rank=1, size=4, seed=3, shard_shuffle=shard_shuffle)
+    fresh.load_state_dict(state)
+    fresh.set_epoch(2)  # the trainer's usual call keeps the resume point of the same epoch
+    rest = iter(fresh)
+    assert [next(rest) for _ in range(2)] == full[3:5]
+    assert fresh.state_dict()["consumed"] == 5 and fresh.state_dict(consumed=1)["consumed"] == 4
+    assert list(rest) == full[5:]
+    fresh.set_epoch(3)
+    assert list(fresh) == shard_indices(30, 1, 4, 3, 3, shard_sizes=ds.shard_sizes if shard_shuffle else None)
+    with pytest.raises(ValueError, match="size"):
+        DistributedShardSampler(ds, rank=0, size=2, seed=3).load_state_dict(state)
+
+
+def test_group_batches_pure_and_complete():
+    groups = [LANDSCAPE, PORTRAIT, LANDSCAPE, LANDSCAPE, PORTRAIT, LANDSCAPE, PORTRAIT, LANDSCAPE, LANDSCAPE]
+    order = [8, 1, 0, 4, 2, 3, 6, 5, 7]
+    assert group_batches(order, groups, 2) == [[8, 0], [1, 4], [2, 3], [5, 7]]
+    assert group_batches(order, groups, 3) == [[8, 0, 2], [1, 4, 6], [3, 5, 7]]
+    # One full landscape batch; the fuller leftover buffer (3 portraits) is completed by repeating a
+    # portrait (this pass has no other).
+    assert group_batches(order, groups, 4) == [[8, 0, 2, 3], [1, 4, 6, 1]]
+    # Equal leftovers (2 and 2): landscape is completed with an earlier landscape sample of the pass.
+    assert group_batches([0, 2, 3, 5, 7, 1, 4], groups, 3) == [[0, 2, 3], [5, 7, 0]]
+    assert aspect_groups([1.5, 1.0, 0.75]) == [LANDSCAPE, LANDSCAPE, PORTRAIT]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_grouped_batches_same_count_on_every_rank_and_pure(world):
+    n = 53
+    ratios = [0.75 if i % 3 == 0 else 1.33 for i in range(n)]  # a third portrait
+    counts = []
+    for r in range(world):
+        s = DistributedShardSampler(_DS(n), r, world, seed=1)
+        gb = GroupedBatchSampler(s, ratios, batch_size=3)
+        batches = list(gb)
+        counts.append(len(batches))
+        assert len(batches) == len(gb) == len(s) // 3
+        assert all(len(b) == 3 and len({ratios[i] >= 1 for i in b}) == 1 for b in batches)
+        assert batches == list(gb)  # deterministic
+        mine = Counter(s.indices())
+        used = Counter(i for b in batches for i in b)
+        assert sum((mine - used).values()) < 2 * 3  # only leftovers that fill no batch are unused
+    assert len(set(counts)) == 1
+
+
+def test_grouped_batch_sampler_resumes_at_the_next_batch():
+    n, ratios = 40, [0.75 if i % 4 == 0 else 1.33 for i in range(40)]
+
+    def make() -> GroupedBatchSampler:
+        return GroupedBatchSampler(DistributedShardSampler(_DS(n), 0, 2, seed=9), ratios, batch_size=2)
+
+    gb = make()
+    gb.set_epoch(4)
+    full = list(gb)
+    it = iter(gb)
+    [next(it) for _ in range(3)]
+    state = gb.state_dict()
+    assert state == {"epoch": 4, "batches_consumed": 3, "batch_size": 2, "num_batches": 10}
+    again = make()
+    again.load_state_dict(state)
+    again.set_epoch(4)
+    it = iter(again)
+    assert next(it) == full[3]
+    assert again.state_dict(consumed=1)["batches_consumed"] == 4
+    assert list(it) == full[4:]
+    again.set_epoch(5)
+    other = make()
+    other.set_epoch(5)
+    assert list(again) == list(other) != full
+    with pytest.raises(ValueError, match="batch_size"):
+        GroupedBatchSampler(DistributedShardSampler(_DS(n), 0, 2, seed=9), ratios, 4).load_state_dict(state)
+    with pytest.raises(ValueError):
+        GroupedBatchSampler(DistributedShardSampler(_DS(n), 0, 2), ratios, 21)
