@@ -151,7 +151,8 @@ def init(bn_group_size: int | None = None) -> DistContext:
         os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"  # must precede hvd.init
         hvd.init()
         # dist(world, gloo): hostnames through Horovod, since there is no MPI communicator.
-        hostnames = simulated_hostnames(hvd.allgather_object(socket.gethostname()), ranks_per_host)
+        hostnames = simulated_hostnames(hvd.allgather_object(socket.gethostname(), name="hostnames"),
+                                        ranks_per_host)
         bn_groups = host_groups(hostnames, bn_group_size)
         sets = {ranks: hvd.add_process_set(ps) for ranks, ps in
                 _process_sets_for(bn_groups, hvd.size()).items()}
@@ -209,20 +210,23 @@ def reduce_dict(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     return dict(zip(keys, mean.tolist()))
 
 
-def allgather_object(obj: Any, ctx: DistContext) -> list[Any]:
+# Horovod names an object collective after type(obj).__name__ unless told otherwise, so ranks passing
+# objects of different types (a path on rank 0, None elsewhere) would wait on differently named
+# collectives forever. Every object collective here carries a fixed name.
+def allgather_object(obj: Any, ctx: DistContext, name: str = "allgather_object") -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not ctx.horovod or ctx.size == 1:
         return [obj]
     # dist(world): pickled objects gathered to every rank.
-    return hvd.allgather_object(obj)
+    return hvd.allgather_object(obj, name=name)
 
 
-def broadcast_object(obj: Any, ctx: DistContext, root: int = 0) -> Any:
+def broadcast_object(obj: Any, ctx: DistContext, root: int = 0, name: str = "broadcast_object") -> Any:
     """Rank ``root``'s ``obj`` on every rank."""
     if not ctx.horovod or ctx.size == 1:
         return obj
     # dist(world): one rank decides (e.g. which checkpoint to resume), everyone follows.
-    return hvd.broadcast_object(obj, root_rank=root)
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
 
 
 def barrier(ctx: DistContext) -> None:

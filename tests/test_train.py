@@ -145,8 +145,8 @@ def test_unknown_config_key_is_an_error_naming_it(capsys):
     assert "unknown config key 'solver.warmup'" in capsys.readouterr().err
 
 
-def _short_run_worker(shards, out):
-    return train.main(["--set", f"data.train_path={shards}", f"train.output_dir={out}", "train.max_iters=2",
+def _short_run_worker(shards, out, iters=2):
+    return train.main(["--set", f"data.train_path={shards}", f"train.output_dir={out}", f"train.max_iters={iters}",
                        "data.num_workers=0", *SMALL])
 
 
@@ -165,3 +165,7 @@ def test_two_ranks_train_log_and_checkpoint(tiny_train_shards, tmp_path):
     assert 0 < records[0]["rpn_pos_neg_ratio"] < 1
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["ckpt_00000002.pt"]
     assert (out / "config.yaml").exists() and (out / "loss.svg").exists()
+    # Resume on 2 ranks: rank 0 finds the checkpoint, the others learn it by broadcast.
+    assert run_ranks("tests.test_train:_short_run_worker", np=2, args=(str(tiny_train_shards), str(out), 3)) == [0, 0]
+    assert read_log(out / "log.jsonl", "start")[-1]["start_iter"] == 2
+    assert [r["iter"] for r in read_log(out / "log.jsonl", "train")] == [1, 2, 3]

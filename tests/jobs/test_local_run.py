@@ -2,8 +2,6 @@
 
 This is the instant end-to-end test (detectron2's run_instant_tests.sh): the job script, horovodrun,
 Horovod, the data loader, the model and the checkpoint writer, all for real, on tiny synthetic shards.
-Awaiting hvd_megdet.train and configs/demo_cpu.yaml; the checkpoint file pattern (ASSUMED below)
-follows the lead's stated interface.
 """
 import os
 import subprocess
@@ -35,12 +33,12 @@ def test_local_run_two_ranks_two_iterations(tmp_path):
     proc = subprocess.run(["bash", str(LOCAL), "train.max_iters=2"], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    # ASSUMED checkpoint layout: OUTPUT_DIR/checkpoints/ckpt_*.pt
     checkpoints = sorted((out / "checkpoints").glob("ckpt_*.pt"))
-    assert checkpoints, f"no checkpoint under {out / 'checkpoints'}: {proc.stderr[-2000:]}"
+    assert [c.name for c in checkpoints] == ["ckpt_00000002.pt"], proc.stdout[-2000:] + proc.stderr[-2000:]
 
     # Running again resumes from that checkpoint instead of starting over (the requeue path of the
     # cluster jobs): with max_iters already reached it must finish without error.
     again = subprocess.run(["bash", str(LOCAL), "train.max_iters=2"], env=env, cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "resumed from" in again.stdout + again.stderr
