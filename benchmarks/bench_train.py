@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     for norm in ("frozen", "local", "cgbn"):
         print(f"  2 ranks, {norm:6s}: {norms[norm]['img_per_s']:.2f} img/s, step {norms[norm]['step_s'] / local:.2f}x local")
     off, on = memory["off"], memory["on"]
-    print(f"ResNet-50 FPN, 2 images of 256x256, sub-linear memory off -> on:")
+    print("ResNet-50 FPN, 2 images of 256x256, sub-linear memory off -> on:")
     print(f"  activation memory held for backward: {off['saved_mb']:.0f} MB -> {on['saved_mb']:.0f} MB "
           f"({on['saved_mb'] / off['saved_mb']:.2f}x, goal <= 0.6x)")
     print(f"  step time: {off['step_s']:.2f} s -> {on['step_s']:.2f} s ({on['step_s'] / off['step_s']:.2f}x, goal <= 1.35x)")

@@ -69,6 +69,11 @@ def checkpoint(function: Callable, *args, **kwargs):
         context_fn=lambda: (_use_tape("record", tape), _use_tape("replay", tape)), **kwargs)
 
 
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for fp32 and the 16-bit autocast types; float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _affine(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias per channel, in one pass of the native kernel.
@@ -85,7 +90,8 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """(count, mean, M2) per channel of an N x C x H x W tensor, in fp32, centred (two passes).
+    """(count, mean, M2) per channel of an N x C x H x W tensor, in fp32 (float64 for float64
+    input), centred (two passes).
 
     The two-pass form (mean first, then squares about it) is the paper's Algorithm 1 applied locally;
     it keeps the variance of inputs whose mean is large compared with their spread.
@@ -93,9 +99,9 @@ def _local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
     if count == 0:  # a rank without images still joins the collective, with zero weight
-        zeros = x.new_zeros(channels, dtype=torch.float32)
+        zeros = _compute(x.new_zeros(channels))
         return 0, zeros, zeros
-    xf = x.float()
+    xf = _compute(x)
     mean = xf.mean(dim=(0, 2, 3))
     centred = _affine(xf, mean, torch.full_like(mean, 1.0), None, None, 0.0)
     return count, mean, _rowwise_dot(centred, centred)
@@ -103,7 +109,7 @@ def _local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()  # the statistics' gradient is part of _CrossGPUBatchNormFn.backward
 def _group_moments(x: torch.Tensor, process_set: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Group mean and biased variance (fp32) and total count, in one float64 allreduce."""
+    """Group mean and biased variance (in the compute dtype) and total count, in one float64 allreduce."""
     count, mean, m2 = _local_moments(x)
     c = x.shape[1]
     packed = torch.empty(2 * c + 1, dtype=torch.float64, device=x.device)
@@ -115,19 +121,19 @@ def _group_moments(x: torch.Tensor, process_set: Any, name: str) -> tuple[torch.
     comm.allreduce_sum_(packed, process_set, name=f"{name}.fwd")
     total = packed[0].item()
     if total == 0:
-        nan = torch.full((c,), float("nan"), device=x.device)
+        nan = torch.full((c,), float("nan"), device=x.device, dtype=mean.dtype)
         return nan, nan, 0.0
     group_mean = packed[1:c + 1] / total
     group_var = (packed[c + 1:] / total - group_mean * group_mean).clamp_(min=0.0)
-    return group_mean.float(), group_var.float(), total
+    return group_mean.to(mean.dtype), group_var.to(mean.dtype), total
 
 
 class _CrossGPUBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, total, eps, process_set, name):
-        xf = x.float()
-        w = None if weight is None else weight.float()
-        b = None if bias is None else bias.float()
+        xf = _compute(x)
+        w = None if weight is None else weight.to(xf.dtype)
+        b = None if bias is None else bias.to(xf.dtype)
         y = _affine(xf, mean, var, w, b, eps)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.total, ctx.eps, ctx.process_set, ctx.name = total, eps, process_set, name
@@ -137,8 +143,8 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mean, var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy = grad_out.float()
-        xf = x.float()
+        dy = _compute(grad_out)
+        xf = _compute(x)
         invstd = torch.rsqrt(var + ctx.eps)
         xhat = _affine(xf, mean, var, None, None, ctx.eps)
         sum_dy = dy.sum(dim=(0, 2, 3))
@@ -154,9 +160,9 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
             packed = torch.cat([sum_dy, sum_dy_xhat]).double()
             # dist(bn set): the backward's single collective (same on every rank of the set).
             comm.allreduce_sum_(packed, ctx.process_set, name=f"{ctx.name}.bwd")
-            mean_dy = (packed[:c] / ctx.total).float()
-            mean_dy_xhat = (packed[c:] / ctx.total).float()
-            scale = invstd if weight is None else weight.float() * invstd
+            mean_dy = (packed[:c] / ctx.total).to(dy.dtype)
+            mean_dy_xhat = (packed[c:] / ctx.total).to(dy.dtype)
+            scale = invstd if weight is None else weight.to(dy.dtype) * invstd
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), the last two terms as one affine of x.
             correction = _affine(xf, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
             grad_x = torch.addcmul(correction, dy, scale.view(1, -1, 1, 1)).to(x.dtype)

@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 from hvd_megdet import checkpoint, comm
 from hvd_megdet.config import load_or_exit
