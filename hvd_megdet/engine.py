@@ -22,6 +22,16 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite (stops the run unless solver.on_nonfinite=skip)."""
 
 
+class Preempted(RuntimeError):
+    """A rank was asked to stop (SIGTERM); every rank saved a checkpoint and stopped at one iteration."""
+
+
+def any_rank(flag: bool, ctx: DistContext, name: str) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one float allreduce)."""
+    # dist(world): all ranks take the same branch afterwards, so none waits alone in a collective.
+    return comm.allreduce_mean(torch.tensor([1.0 if flag else 0.0]), ctx, name=name).item() > 0
+
+
 @dataclass
 class Progress:
     """Where training stands; saved in checkpoints."""
@@ -98,7 +108,7 @@ def train_step(model, optimizer, scaler, batches: list, settings: StepSettings, 
         # dist(world): every rank learns whether any rank's loss is non-finite, so all stop or skip
         # together instead of some ranks waiting forever in the gradient allreduce.
         finite = math.isfinite(loss.item())
-        if comm.allreduce_mean(torch.tensor([0.0 if finite else 1.0]), ctx, name="nonfinite").item() > 0:
+        if any_rank(not finite, ctx, "nonfinite"):
             bad_ranks = [r for r, ok in enumerate(comm.allgather_object(finite, ctx)) if not ok]
             if settings.on_nonfinite == "stop":
                 raise NonFiniteLossError(
@@ -165,7 +175,8 @@ def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], An
                total_iters: int, lr_at: Callable[[int], float], settings: StepSettings, ctx: DistContext,
                progress: Progress, logger: MetricLogger, log_every: int, images_per_step: int,
                save: Callable[[Progress], None], checkpoint_every: int,
-               end_of_epoch: Callable[[Progress], None]) -> Progress:
+               end_of_epoch: Callable[[Progress], None],
+               stop_requested: Callable[[], bool] = lambda: False) -> Progress:
     """Run from ``progress`` to ``total_iters`` (an iteration budget, possibly mid-epoch).
 
     Args:
@@ -175,6 +186,8 @@ def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], An
         save: writes a checkpoint of ``progress`` (every rank calls it; rank 0 writes).
         end_of_epoch: called after the last iteration of each epoch, with ``progress.epoch`` already
             counting it (1 after the first epoch): checkpoint, evaluation.
+        stop_requested: this rank's wish to stop (e.g. SIGTERM seen); checked on every rank after
+            each iteration, so all ranks save and raise :class:`Preempted` at the same iteration.
     """
     counters = attach_ratio_counters(model)
     bar = logger.progress_bar(total=total_iters, initial=progress.iteration)
@@ -219,6 +232,13 @@ def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], An
                 window_losses, window_steps, window_data, window_step = {}, 0, 0.0, 0.0
                 window_start = time.perf_counter()
             epoch_over = progress.batches_done >= iters_per_epoch * settings.backward_passes
+            if any_rank(stop_requested(), ctx, "stop"):
+                if epoch_over:  # resume at the next epoch's start, as the end-of-epoch save would
+                    progress.epoch, progress.batches_done = progress.epoch + 1, 0
+                save(progress)
+                bar.close()
+                raise Preempted(f"stopped on request after iteration {progress.iteration}; "
+                                f"rerun with the same train.output_dir to resume")
             if progress.iteration % checkpoint_every == 0 and not epoch_over:
                 save(progress)
         if progress.batches_done >= iters_per_epoch * settings.backward_passes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -164,6 +165,10 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
         if cfg.data.val_path and (p.epoch in cfg.train.eval_epochs or (last and cfg.train.eval_at_end)):
             evaluate_epoch(model, cfg, ctx, device, logger, p.epoch)
 
+    # SIGTERM (scheduler preemption, a requeue, mpirun forwarding ^C) stops at the next iteration
+    # boundary with a checkpoint, instead of losing everything since the last one.
+    stop = {"requested": False}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
     settings = engine.StepSettings(
         backward_passes=s.backward_passes_per_step,
         amp_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[s.amp],
@@ -172,7 +177,9 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
                       total_iters=total, lr_at=lr_at, settings=settings, ctx=ctx, progress=progress,
                       logger=logger, log_every=cfg.train.log_every,
                       images_per_step=cfg.data.images_per_rank * s.backward_passes_per_step, save=save,
-                      checkpoint_every=cfg.train.checkpoint_every, end_of_epoch=end_of_epoch)
+                      checkpoint_every=cfg.train.checkpoint_every, end_of_epoch=end_of_epoch,
+                      stop_requested=lambda: stop["requested"])
+    signal.signal(signal.SIGTERM, previous)
     latest = checkpoint.latest_checkpoint(out) if ctx.is_main else None
     if comm.broadcast_object(latest is None or not latest.name.endswith(f"{progress.iteration:08d}.pt"), ctx):
         save(progress)  # stopped mid-epoch (max_iters): keep the final state too
@@ -208,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except engine.NonFiniteLossError as err:
         log.error("%s", err)
         return 3
+    except engine.Preempted as err:
+        log.warning("rank %d: %s", ctx.rank, err)
+        comm.barrier(ctx)  # leave together
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     if ctx.is_main:
         print(f"done: {summary['iterations']} iterations; log {summary['output_dir']}/log.jsonl, "
               f"checkpoints {summary['output_dir']}/checkpoints/, plot {summary.get('plot', '-')}")

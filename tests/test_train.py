@@ -172,3 +172,24 @@ def test_two_ranks_train_log_and_checkpoint(tiny_train_shards, tmp_path):
     assert run_ranks("tests.test_train:_short_run_worker", np=2, args=(str(tiny_train_shards), str(out), 3)) == [0, 0]
     assert read_log(out / "log.jsonl", "start")[-1]["start_iter"] == 2
     assert [r["iter"] for r in read_log(out / "log.jsonl", "train")] == [1, 2, 3]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_train_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = _train_cmd(tiny_train_shards, out, 40, extra=["train.checkpoint_every=1000", "data.num_workers=0"])
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    log = out / "log.jsonl"
+    while proc.poll() is None and time.time() < deadline and not (log.exists() and read_log(log, "train")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    saved = checkpoint.list_checkpoints(out)
+    assert len(saved) == 1, err[-3000:]  # no periodic checkpoint was due: this one is the preemption's
+    stopped_at = checkpoint.load_checkpoint(saved[0])["progress"]["iteration"]
+    assert 1 <= stopped_at < 40
+    again = subprocess.run(_train_cmd(tiny_train_shards, out, stopped_at + 1, extra=["data.num_workers=0"]),
+                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {saved[0]} at iteration {stopped_at}" in again.stderr
