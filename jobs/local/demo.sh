@@ -3,7 +3,7 @@
 # ranks with CGBN and warm-up (jobs/local/run.sh, configs/demo_cpu.yaml) -> COCO evaluation.
 #
 # Environment: DEMO_DATA (default data/synthetic), OUTPUT_DIR (default runs/demo),
-#   DEMO_TRAIN_IMAGES / DEMO_VAL_IMAGES / DEMO_SIZE (default 64 / 24 / 160x120), NP (default 2).
+#   DEMO_TRAIN_IMAGES / DEMO_VAL_IMAGES / DEMO_SIZE (default 48 / 24 / 160x120), NP (default 2).
 # Extra arguments are config overrides, e.g.  jobs/local/demo.sh train.max_iters=20
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -23,7 +23,7 @@ make_split() {  # split images seed
     "$PY" -m data_prep.coco_to_hdf5 --images "$DATA/raw_$split/images" \
         --annotations "$DATA/raw_$split/annotations/instances_$split.json" --out "$DATA/shards/$split" --images-per-shard 32
 }
-make_split train "${DEMO_TRAIN_IMAGES:-64}" 1
+make_split train "${DEMO_TRAIN_IMAGES:-48}" 1
 make_split val "${DEMO_VAL_IMAGES:-24}" 2
 
 # CPU ranks that fill every core: negotiate less often and let MPI yield while it waits, so
