@@ -52,6 +52,8 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, iteration: in
     tmp.replace(path)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+    for stale in path.parent.glob(".ckpt_*.tmp.*"):  # left by a writer that was killed mid-save
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -144,6 +144,9 @@ megdet_setup_env() {
     export OMP_NUM_THREADS=${THREADS_PER_RANK:-$((threads > 0 ? threads : 1))}
     # Lustre/GPFS and NFS often lack the POSIX locks HDF5 takes even for read-only opens.
     export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}
+    # On SIGTERM (preemption, requeue) the ranks finish their iteration and write a checkpoint;
+    # Open MPI's mpirun would SIGKILL them 1 s after forwarding the TERM, so give them a minute.
+    export OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-60}
     # `python -m hvd_megdet.train` works from a checkout without `pip install`.
     export PYTHONPATH=$MEGDET_ROOT${PYTHONPATH:+:$PYTHONPATH}
 }
