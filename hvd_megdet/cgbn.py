@@ -37,7 +37,7 @@ _unnamed = itertools.count()
 class _StatsTape:
     """Statistics of every CGBN call in one checkpointed region, in call order."""
 
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    saved: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # mean, var, count
     position: int = 0
 
 

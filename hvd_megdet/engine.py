@@ -190,13 +190,14 @@ def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], An
             each iteration, so all ranks save and raise :class:`Preempted` at the same iteration.
     """
     counters = attach_ratio_counters(model)
+    epoch_batches = iters_per_epoch * settings.backward_passes  # batches each rank takes per epoch
     bar = logger.progress_bar(total=total_iters, initial=progress.iteration)
     model.train()
     while progress.iteration < total_iters:
         loader_iter = iter(make_loader(progress.epoch, progress.batches_done))
         window_losses: dict[str, float] = {}
         window_steps, window_data, window_step, window_start = 0, 0.0, 0.0, time.perf_counter()
-        while progress.iteration < total_iters and progress.batches_done < iters_per_epoch * settings.backward_passes:
+        while progress.iteration < total_iters and progress.batches_done < epoch_batches:
             batches, data_time = [], 0.0
             for _ in range(settings.backward_passes):
                 batch, dt = _timed_next(loader_iter)
@@ -231,7 +232,7 @@ def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], An
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.4g}")
                 window_losses, window_steps, window_data, window_step = {}, 0, 0.0, 0.0
                 window_start = time.perf_counter()
-            epoch_over = progress.batches_done >= iters_per_epoch * settings.backward_passes
+            epoch_over = progress.batches_done >= epoch_batches
             if any_rank(stop_requested(), ctx, "stop"):
                 if epoch_over:  # resume at the next epoch's start, as the end-of-epoch save would
                     progress.epoch, progress.batches_done = progress.epoch + 1, 0
@@ -241,7 +242,7 @@ def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], An
                                 f"rerun with the same train.output_dir to resume")
             if progress.iteration % checkpoint_every == 0 and not epoch_over:
                 save(progress)
-        if progress.batches_done >= iters_per_epoch * settings.backward_passes:
+        if progress.batches_done >= epoch_batches:
             # Advance first, so the end-of-epoch checkpoint resumes at the next epoch's start.
             progress.epoch += 1
             progress.batches_done = 0

@@ -149,7 +149,12 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
             dataset, batch_sampler=batch_sampler, num_workers=cfg.data.num_workers, collate_fn=collate_fn,
             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
 
+    # The iteration of the newest checkpoint in `out`. Every rank calls save(), so every rank knows it.
+    resumed_here = path and Path(path).resolve().parent == (out / checkpoint.CHECKPOINT_DIR).resolve()
+    last_saved = {"iteration": progress.iteration if resumed_here else None}
+
     def save(p: engine.Progress) -> None:
+        last_saved["iteration"] = p.iteration
         rng = comm.allgather_object(checkpoint.rng_state(), ctx)  # dist(world): every rank's RNG
         if ctx.is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -159,11 +164,17 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
             written = checkpoint.save_checkpoint(state, out, p.iteration, cfg.train.keep_checkpoints)
             logger.log("checkpoint", {"iter": p.iteration, "path": str(written)})
 
+    val = {}  # the evaluation split and its ground truth, built at the first evaluation only
+
     def end_of_epoch(p: engine.Progress) -> None:
         save(p)
         last = p.iteration >= lr_schedule.total_iters(iters_per_epoch, s.policy)
         if cfg.data.val_path and (p.epoch in cfg.train.eval_epochs or (last and cfg.train.eval_at_end)):
-            evaluate_epoch(model, cfg, ctx, device, logger, p.epoch)
+            if not val:
+                val["dataset"] = ShardedCocoDataset(cfg.data.val_path, transforms=build_transforms(
+                    False, cfg.data.min_size, cfg.data.max_size))
+                val["gt"] = cfg.data.val_annotations or val["dataset"].coco_gt()
+            evaluate_epoch(model, val["dataset"], val["gt"], cfg, ctx, device, logger, p.epoch)
 
     # SIGTERM (scheduler preemption, a requeue, mpirun forwarding ^C) stops at the next iteration
     # boundary with a checkpoint, instead of losing everything since the last one.
@@ -180,8 +191,7 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
                       checkpoint_every=cfg.train.checkpoint_every, end_of_epoch=end_of_epoch,
                       stop_requested=lambda: stop["requested"])
     signal.signal(signal.SIGTERM, previous)
-    latest = checkpoint.latest_checkpoint(out) if ctx.is_main else None
-    if comm.broadcast_object(latest is None or not latest.name.endswith(f"{progress.iteration:08d}.pt"), ctx):
+    if last_saved["iteration"] != progress.iteration:
         save(progress)  # stopped mid-epoch (max_iters): keep the final state too
     summary = {"output_dir": str(out), "iterations": progress.iteration, "epoch": progress.epoch,
                "skipped_steps": progress.skipped_steps}
@@ -192,12 +202,11 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
     return summary
 
 
-def evaluate_epoch(model, cfg: Config, ctx: comm.DistContext, device, logger: MetricLogger, epoch: int) -> dict | None:
+def evaluate_epoch(model, dataset, gt, cfg: Config, ctx: comm.DistContext, device, logger: MetricLogger,
+                   epoch: int) -> dict | None:
     """COCO evaluation of the current weights on every rank; metrics logged by rank 0."""
     from hvd_megdet.evaluation import evaluate
 
-    dataset = ShardedCocoDataset(cfg.data.val_path, transforms=build_transforms(False, cfg.data.min_size, cfg.data.max_size))
-    gt = cfg.data.val_annotations or dataset.coco_gt()
     out = Path(cfg.train.output_dir) / f"eval_epoch{epoch:02d}"
     metrics = evaluate(model, dataset, ctx, device=device, gt=gt, output_dir=out, progress=cfg.train.progress)
     if metrics is not None:
