@@ -30,7 +30,8 @@ from data_prep.coco_records import (NOT_BAD_INPUT, CocoFormatError, Issue, drop_
                                     format_reason_table, load_coco_json, validate_coco)
 from data_prep.image_check import ImageFacts, check_image_file
 from data_prep.verify import check_shard
-from data_prep.world import World, block_range, get_world, shards_of_rank
+from data_prep.world import World, get_world, shards_of_rank
+from hvd_megdet.ranks import split
 from data_prep.write_shards import (ShardPlan, build_manifest, plan_shards, sha256_file, write_manifest,
                                     write_shard)
 from hvd_megdet.data import h5_schema as S
@@ -63,9 +64,9 @@ def split_name(annotation_file: str | Path) -> str:
 
 
 def _check_files(records: list, images_dir: str, world: World) -> list[ImageFacts | Issue]:
-    start, stop = block_range(len(records), world.rank, world.size)
-    mine = [check_image_file(images_dir, r)
-            for r in tqdm(records[start:stop], desc="checking images (rank 0)", disable=world.rank != 0)]
+    share = split(len(records), world.rank, world.size)
+    mine = [check_image_file(images_dir, records[i])
+            for i in tqdm(share, desc="checking images (rank 0)", disable=world.rank != 0)]
     # dist(world): every rank needs every result to plan identical shards.
     return [res for block in world.allgather(mine) for res in block]
 

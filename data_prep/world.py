@@ -5,19 +5,10 @@ Packing is not training, so it talks to MPI directly (mpi4py) rather than throug
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-# Set by mpirun/mpiexec (Open MPI, MPICH / Intel MPI, PMIx launchers such as srun --mpi=pmix).
-_LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
-
-
-def block_range(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous block [start, stop) of ``num_items`` that ``rank`` handles; sizes differ by <= 1."""
-    base, extra = divmod(num_items, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+from hvd_megdet.ranks import detect_launch
 
 
 def shards_of_rank(num_shards: int, rank: int, world_size: int) -> list[int]:
@@ -52,9 +43,18 @@ class World:
 
 def get_world() -> World:
     """The MPI world if this process was started by an MPI launcher, else a world of one."""
-    if not any(name in os.environ for name in _LAUNCHER_ENV):
+    launch = detect_launch()
+    if launch.size <= 1:
         return World()
-    from mpi4py import MPI
+    if not launch.uses_mpi:
+        raise SystemExit(f"error: started as rank {launch.rank} of {launch.size} by {launch.launcher}, "
+                         f"but packing needs MPI ranks: launch with mpirun/srun, or run one process")
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        # Running as a world of one on every rank would have all of them write the same shards.
+        raise SystemExit(f"error: started as rank {launch.rank} of {launch.size} by {launch.launcher}, "
+                         f"but mpi4py is not importable: run `make setup`") from None
 
     comm = MPI.COMM_WORLD
     return World(rank=comm.Get_rank(), size=comm.Get_size(), comm=comm if comm.Get_size() > 1 else None)

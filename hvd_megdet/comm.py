@@ -17,12 +17,27 @@ from typing import Any, Sequence
 
 import torch
 
+from hvd_megdet.ranks import detect_launch
+
 try:  # Optional so that data preparation and single-process tools run without Horovod.
     import horovod.torch as hvd
 except ImportError:  # pragma: no cover - exercised only on machines without Horovod
     hvd = None
 
 RANKS_PER_HOST_ENV = "HVD_MEGDET_RANKS_PER_HOST"
+
+# Horovod settings this package ships, applied by :func:`init` before ``hvd.init`` to every key the
+# user has not set in the environment. Each entry says why and what it measured (README: Tuning).
+HOROVOD_DEFAULTS: dict[str, str] = {
+}
+
+
+def apply_horovod_defaults(environ: dict | None = None) -> dict[str, str]:
+    """Set each :data:`HOROVOD_DEFAULTS` key the user left unset; returns the keys it set."""
+    environ = os.environ if environ is None else environ
+    applied = {k: v for k, v in HOROVOD_DEFAULTS.items() if k not in environ}
+    environ.update(applied)
+    return applied
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,9 @@ class DistContext:
 
     Attributes:
         rank, size: position in, and size of, the whole job.
-        local_rank, local_size: position in, and size of, this rank's host group.
+        host_rank, host_size: position in, and size of, this rank's host group (a simulated host
+            under HVD_MEGDET_RANKS_PER_HOST, so not a GPU index: see ``device_index``).
+        device_index: the GPU this rank drives: its rank among the processes of its physical machine.
         host_index, num_hosts: which host group (in order of first rank), and how many there are.
         bn_ranks: the global ranks whose images share BN statistics with this rank (CGBN group).
         bn_process_set: the Horovod process set of ``bn_ranks``; None when the group is this rank
@@ -41,8 +58,9 @@ class DistContext:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
+    host_rank: int = 0
+    host_size: int = 1
+    device_index: int = 0
     host_index: int = 0
     num_hosts: int = 1
     bn_ranks: tuple[int, ...] = (0,)
@@ -101,14 +119,15 @@ def simulated_hostnames(hostnames: Sequence[str], ranks_per_host: int | None) ->
 
 
 def _context_from_groups(rank: int, hostnames: Sequence[str], bn_groups: list[list[int]],
-                         process_sets: dict[tuple[int, ...], Any], horovod: bool) -> DistContext:
+                         process_sets: dict[tuple[int, ...], Any], horovod: bool,
+                         device_index: int = 0) -> DistContext:
     host_ranks = host_groups(hostnames)
     host_index = next(i for i, g in enumerate(host_ranks) if rank in g)
     bn_ranks = tuple(next(g for g in bn_groups if rank in g))
     return DistContext(
         rank=rank, size=len(hostnames),
-        local_rank=host_ranks[host_index].index(rank), local_size=len(host_ranks[host_index]),
-        host_index=host_index, num_hosts=len(host_ranks),
+        host_rank=host_ranks[host_index].index(rank), host_size=len(host_ranks[host_index]),
+        device_index=device_index, host_index=host_index, num_hosts=len(host_ranks),
         bn_ranks=bn_ranks, bn_process_set=process_sets.get(bn_ranks), horovod=horovod,
     )
 
@@ -116,10 +135,6 @@ def _context_from_groups(rank: int, hostnames: Sequence[str], bn_groups: list[li
 # ---------------------------------------------------------------------------------------------------
 # Start-up
 # ---------------------------------------------------------------------------------------------------
-def _launched_with_mpi() -> bool:
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
-
-
 def init(bn_group_size: int | None = None) -> DistContext:
     """Start Horovod with one process set per BN group and describe this rank.
 
@@ -132,13 +147,21 @@ def init(bn_group_size: int | None = None) -> DistContext:
         bn_group_size: ranks per CGBN group; None takes every rank of the host (the paper's choice).
     """
     ranks_per_host = int(os.environ.get(RANKS_PER_HOST_ENV, "0")) or None
+    apply_horovod_defaults()  # Horovod reads its settings from the environment at hvd.init
+    launch = detect_launch()
     if hvd is None:
-        if int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1:
-            raise RuntimeError("launched on several ranks but horovod is not importable: run `make setup`")
+        if launch.size > 1:
+            # A world of one on every rank would train N copies into the same output directory.
+            raise RuntimeError(f"started as rank {launch.rank} of {launch.size} by {launch.launcher}, but "
+                               f"horovod is not importable: run `make setup` (or source jobs/env.sh)")
         return DistContext()
 
-    if _launched_with_mpi() or "HOROVOD_RANK" not in os.environ:
-        from mpi4py import MPI
+    if launch.launcher != "horovodrun-gloo":
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise RuntimeError(f"started as rank {launch.rank} of {launch.size} by {launch.launcher}, but "
+                               f"mpi4py is not importable: run `make setup`") from None
 
         comm = MPI.COMM_WORLD
         # dist(world, mpi4py): every rank learns every rank's host before Horovod starts.
@@ -158,7 +181,8 @@ def init(bn_group_size: int | None = None) -> DistContext:
                 _process_sets_for(bn_groups, hvd.size()).items()}
     if len(bn_groups) == 1 and hvd.size() > 1:
         sets[tuple(bn_groups[0])] = hvd.global_process_set  # one group of everyone: the global set
-    return _context_from_groups(hvd.rank(), hostnames, bn_groups, sets, horovod=True)
+    return _context_from_groups(hvd.rank(), hostnames, bn_groups, sets, horovod=True,
+                                device_index=hvd.local_rank())
 
 
 def _process_sets_for(bn_groups: list[list[int]], size: int) -> dict[tuple[int, ...], Any]:
@@ -277,12 +301,23 @@ def optimizer_skip_synchronize(optimizer: torch.optim.Optimizer):
     return optimizer.skip_synchronize() if hasattr(optimizer, "skip_synchronize") else contextlib.nullcontext()
 
 
+def discard_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Drop the gradients accumulated in this step (a skipped step), so the next step starts clean.
+
+    Call only before the step's last backward pass, on every rank alike (no allreduce in flight).
+    """
+    if hasattr(optimizer, "set_backward_passes_per_step"):
+        # Horovod counts each parameter's backward passes down to the one that starts its allreduce
+        # and keeps a (None) handle for every earlier pass: zero_grad() refuses while any is held, and
+        # a step skipped without resetting the counts would reduce after too few passes next time.
+        optimizer._handles.clear()
+        optimizer.set_backward_passes_per_step(optimizer.backward_passes_per_step)
+    optimizer.zero_grad()
+
+
 def synchronize_gradients(optimizer: torch.optim.Optimizer) -> None:
     """Wait for the averaged gradients (needed before clipping them)."""
     if hasattr(optimizer, "synchronize"):
         optimizer.synchronize()  # dist(world): finish the gradient allreduces now
 
 
-def real_local_rank() -> int:
-    """The rank within the physical machine (device selection); ignores simulated hosts."""
-    return hvd.local_rank() if hvd is not None and hvd.is_initialized() else 0

@@ -49,7 +49,8 @@ class SolverConfig:
     base_lr: float = 0.02         # LR r for base_batch images (paper: 0.02 for 16)
     base_batch: int = 16
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4    # on every parameter, as the paper (Sec. 4)
+    no_decay_bias_norm: bool = False  # true: no weight decay on biases and norm weights (a common variant)
     policy: str = "normal"        # normal (11 epochs) | long (18 epochs)
     warmup_iters: int = 500       # linear warm-up from r to the scaled LR
     backward_passes_per_step: int = 1  # gradient accumulation inside DistributedOptimizer
@@ -67,7 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # iterations between checkpoints (also one at each epoch end)
     keep_checkpoints: int = 3
     eval_epochs: tuple[int, ...] = ()  # 1-based epochs after which to evaluate (last epoch: `eval_at_end`)
-    eval_at_end: bool = True
+    eval_at_end: bool = True      # evaluate when training ends at an epoch boundary
     max_iters: int = 0            # stop after this many iterations (0 = the whole schedule)
     tensorboard: bool = False
     device: str = "auto"          # auto | cpu | cuda
@@ -200,7 +201,6 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    from hvd_megdet.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

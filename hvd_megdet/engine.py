@@ -1,15 +1,16 @@
-"""The training loop: a plain loop over iterations, no hooks (torchvision/detectron2 plain_train_net).
+"""One training step and one epoch of them (torchvision's references/detection/engine.py, distributed).
 
 One iteration = one optimizer step = ``backward_passes_per_step`` batches on every rank. The number
 of iterations per epoch is the same on every rank (the batch sampler guarantees equal batch counts),
-which every collective in the step relies on.
+which every collective in the step relies on. :func:`train_one_epoch` yields after every step so that
+the caller's loop (``hvd_megdet.train.run``) decides, in plain sight, when to checkpoint or stop.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -34,12 +35,20 @@ def any_rank(flag: bool, ctx: DistContext, name: str) -> bool:
 
 @dataclass
 class Progress:
-    """Where training stands; saved in checkpoints."""
+    """Where training stands; saved in checkpoints.
+
+    An epoch whose batches are all done but whose end (evaluation, then ``next_epoch``) has not
+    happened yet keeps ``batches_done`` at the epoch's total: a run resumed there finishes the epoch
+    end before anything else (a preemption on an epoch's last step loses nothing).
+    """
 
     iteration: int = 0        # optimizer steps done
     epoch: int = 0            # current epoch (0-based)
     batches_done: int = 0     # batches of the current epoch consumed by the loop
     skipped_steps: int = 0    # steps skipped for a non-finite loss
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batches_done = self.epoch + 1, 0
 
 
 class SampleRatioCounter:
@@ -66,11 +75,11 @@ class SampleRatioCounter:
 
 
 def attach_ratio_counters(model: torch.nn.Module) -> dict[str, SampleRatioCounter]:
-    counters = {"rpn": SampleRatioCounter(model.rpn.fg_bg_sampler),
-                "roi": SampleRatioCounter(model.roi_heads.fg_bg_sampler)}
-    model.rpn.fg_bg_sampler = counters["rpn"]
-    model.roi_heads.fg_bg_sampler = counters["roi"]
-    return counters
+    """Count what the RPN and RoI samplers pick (idempotent: an attached counter is reused)."""
+    for head in (model.rpn, model.roi_heads):
+        if not isinstance(head.fg_bg_sampler, SampleRatioCounter):
+            head.fg_bg_sampler = SampleRatioCounter(head.fg_bg_sampler)
+    return {"rpn": model.rpn.fg_bg_sampler, "roi": model.roi_heads.fg_bg_sampler}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -85,13 +94,36 @@ def _to_device(images, targets, device):
     return images, targets
 
 
+def pick_device(choice: str, ctx: DistContext) -> torch.device:
+    """``cuda`` (or ``auto`` where CUDA is present): the GPU of this rank on its machine; else the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", ctx.device_index)  # one GPU per rank on its machine
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class StepSettings:
+    """How one optimizer step runs (solver section of the config, resolved)."""
+
     backward_passes: int
     amp_dtype: torch.dtype | None
     clip_grad_norm: float
-    on_nonfinite: str
+    on_nonfinite: str         # stop | skip
     device: torch.device
+
+
+@dataclass(frozen=True)
+class EpochSettings:
+    """What :func:`train_one_epoch` needs besides the model and data: the schedule and logging."""
+
+    step: StepSettings
+    iters_per_epoch: int
+    total_iters: int          # the run's iteration budget; an epoch may end early at it
+    lr_at: Callable[[int], float]  # pure: lr_schedule.lr_at with the run's constants bound
+    log_every: int
+    bn_size: int              # images per BN group (0: frozen BN), in every log record
 
 
 def train_step(model, optimizer, scaler, batches: list, settings: StepSettings, ctx: DistContext,
@@ -115,7 +147,8 @@ def train_step(model, optimizer, scaler, batches: list, settings: StepSettings, 
                     f"non-finite loss at iteration {progress.iteration} on rank(s) {bad_ranks}: "
                     f"{ {k: v.item() for k, v in loss_dict.items()} } (rank {ctx.rank}); "
                     f"set solver.on_nonfinite=skip to skip such steps, or lower the LR / warm up longer")
-            optimizer.zero_grad()
+            # Every rank skips together, before this pass's backward: no allreduce is in flight.
+            comm.discard_gradients(optimizer)
             progress.skipped_steps += 1
             return None
         scaled = loss / settings.backward_passes  # DistributedOptimizer sums the k local passes
@@ -165,88 +198,68 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _timed_next(loader_iter) -> tuple[Any, float]:
-    start = time.perf_counter()
-    batch = next(loader_iter)
-    return batch, time.perf_counter() - start
+def train_one_epoch(model, optimizer, scaler, loader, progress: Progress, settings: EpochSettings,
+                    ctx: DistContext, logger: MetricLogger) -> Iterator[Progress]:
+    """Train the rest of ``progress.epoch``, yielding after every optimizer step.
 
-
-def train_loop(model, optimizer, scaler, *, make_loader: Callable[[int, int], Any], iters_per_epoch: int,
-               total_iters: int, lr_at: Callable[[int], float], settings: StepSettings, ctx: DistContext,
-               progress: Progress, logger: MetricLogger, log_every: int, images_per_step: int,
-               save: Callable[[Progress], None], checkpoint_every: int,
-               end_of_epoch: Callable[[Progress], None],
-               stop_requested: Callable[[], bool] = lambda: False) -> Progress:
-    """Run from ``progress`` to ``total_iters`` (an iteration budget, possibly mid-epoch).
-
-    Args:
-        make_loader: (epoch, batches already done in it) -> a DataLoader over the rest of the epoch.
-        lr_at: the LR of an iteration (pure; see lr_schedule.lr_at).
-        images_per_step: images this rank processes per iteration (for img/s).
-        save: writes a checkpoint of ``progress`` (every rank calls it; rank 0 writes).
-        end_of_epoch: called after the last iteration of each epoch, with ``progress.epoch`` already
-            counting it (1 after the first epoch): checkpoint, evaluation.
-        stop_requested: this rank's wish to stop (e.g. SIGTERM seen); checked on every rank after
-            each iteration, so all ranks save and raise :class:`Preempted` at the same iteration.
+    Stops at the epoch's end or at ``settings.total_iters``, whichever comes first; ``progress`` is
+    advanced in place (iteration, batches done). The caller checkpoints, stops or evaluates between
+    steps. ``loader`` iterates an :class:`~hvd_megdet.data.EpochTagged` batch sampler.
     """
+    passes = settings.step.backward_passes
+    epoch_batches = settings.iters_per_epoch * passes
+    if progress.iteration >= settings.total_iters or progress.batches_done >= epoch_batches:
+        return
     counters = attach_ratio_counters(model)
-    epoch_batches = iters_per_epoch * settings.backward_passes  # batches each rank takes per epoch
-    bar = logger.progress_bar(total=total_iters, initial=progress.iteration)
+    loader.batch_sampler.set_epoch(progress.epoch, start=progress.batches_done)
+    global_batch = ctx.size * passes * loader.batch_sampler.batch_size
     model.train()
-    while progress.iteration < total_iters:
-        loader_iter = iter(make_loader(progress.epoch, progress.batches_done))
-        window_losses: dict[str, float] = {}
-        window_steps, window_data, window_step, window_start = 0, 0.0, 0.0, time.perf_counter()
-        while progress.iteration < total_iters and progress.batches_done < epoch_batches:
-            batches, data_time = [], 0.0
-            for _ in range(settings.backward_passes):
-                batch, dt = _timed_next(loader_iter)
-                batches.append(batch)
-                data_time += dt
-            lr = lr_at(progress.iteration)
-            set_lr(optimizer, lr)
+    batches = iter(loader)
+    window = _Window()
+    with logger.progress_bar(total=settings.total_iters, initial=progress.iteration) as bar:
+        while progress.iteration < settings.total_iters and progress.batches_done < epoch_batches:
             start = time.perf_counter()
-            losses = train_step(model, optimizer, scaler, batches, settings, ctx, progress)
-            window_step += time.perf_counter() - start
-            window_data += data_time
+            step_batches = [next(batches) for _ in range(passes)]
+            data_time = time.perf_counter() - start
+            lr = settings.lr_at(progress.iteration)
+            set_lr(optimizer, lr)
+            losses = train_step(model, optimizer, scaler, step_batches, settings.step, ctx, progress)
             progress.iteration += 1
-            progress.batches_done += settings.backward_passes
-            if losses is not None:
-                window_steps += 1
-                for k, v in losses.items():
-                    window_losses[k] = window_losses.get(k, 0.0) + v
+            progress.batches_done += passes
+            window.add(losses, data_time, time.perf_counter() - start - data_time)
             bar.update(1)
-            if progress.iteration % log_every == 0 or progress.iteration == total_iters:
-                elapsed = time.perf_counter() - window_start
-                steps = max(window_steps, 1)
-                record = log_record(progress, {k: v / steps for k, v in window_losses.items()}, counters, ctx, {
-                    "lr": lr,
-                    "img_per_s": images_per_step * ctx.size * window_steps / max(elapsed, 1e-9),
-                    "data_time": window_data / steps,
-                    "step_time": window_step / steps,
-                    "global_batch": images_per_step * ctx.size,
+            if progress.iteration % settings.log_every == 0 or progress.iteration == settings.total_iters:
+                record = log_record(progress, window.mean_losses(), counters, ctx, {
+                    "lr": lr, "img_per_s": global_batch * window.steps / max(window.elapsed(), 1e-9),
+                    "data_time": window.data_time / max(window.steps, 1),
+                    "step_time": window.step_time / max(window.steps, 1),
+                    "global_batch": global_batch, "bn_size": settings.bn_size,
                     "skipped_steps": progress.skipped_steps,
-                    "peak_mem_mb": peak_memory_mb(settings.device),
-                })
+                    "peak_mem_mb": peak_memory_mb(settings.step.device)})
                 logger.log("train", record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.4g}")
-                window_losses, window_steps, window_data, window_step = {}, 0, 0.0, 0.0
-                window_start = time.perf_counter()
-            epoch_over = progress.batches_done >= epoch_batches
-            if any_rank(stop_requested(), ctx, "stop"):
-                if epoch_over:  # resume at the next epoch's start, as the end-of-epoch save would
-                    progress.epoch, progress.batches_done = progress.epoch + 1, 0
-                save(progress)
-                bar.close()
-                raise Preempted(f"stopped on request after iteration {progress.iteration}; "
-                                f"rerun with the same train.output_dir to resume")
-            if progress.iteration % checkpoint_every == 0 and not epoch_over:
-                save(progress)
-        if progress.batches_done >= epoch_batches:
-            # Advance first, so the end-of-epoch checkpoint resumes at the next epoch's start.
-            progress.epoch += 1
-            progress.batches_done = 0
-            end_of_epoch(progress)
-            model.train()
-    bar.close()
-    return progress
+                window = _Window()
+            yield progress
+
+
+class _Window:
+    """Sums over the steps of one logging window."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps, self.data_time, self.step_time = 0, 0.0, 0.0
+        self.losses: dict[str, float] = {}
+
+    def add(self, losses: dict[str, float] | None, data_time: float, step_time: float) -> None:
+        self.data_time += data_time
+        self.step_time += step_time
+        if losses is not None:  # a skipped step has no losses
+            self.steps += 1
+            for k, v in losses.items():
+                self.losses[k] = self.losses.get(k, 0.0) + v
+
+    def mean_losses(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.losses.items()}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

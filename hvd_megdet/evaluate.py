@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 
-from hvd_megdet import checkpoint, comm
+from hvd_megdet import checkpoint, comm, engine
 from hvd_megdet.config import load_or_exit
 from hvd_megdet.data import ShardedCocoDataset, build_transforms
 from hvd_megdet.evaluation import evaluate
 from hvd_megdet.metrics import setup_console_logging
 from hvd_megdet.model import build_model
-from hvd_megdet.train import pick_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = comm.init(cfg.model.bn_group_size)
     setup_console_logging(ctx.is_main)
-    device = pick_device(cfg.train.device)
+    device = engine.pick_device(cfg.train.device, ctx)
     dataset = ShardedCocoDataset(data, transforms=build_transforms(False, cfg.data.min_size, cfg.data.max_size))
     model = build_model(cfg.model, ctx, dataset.num_classes, min_size=cfg.data.min_size, max_size=cfg.data.max_size)
     state = checkpoint.load_checkpoint(args.checkpoint)  # every rank reads it: no broadcast needed

@@ -2,7 +2,7 @@
 
 The paper's figure of merit is COCO mmAP (AP@[.5:.95]) and mmAR (AR@100) on val2017 (MegDet,
 arXiv 1711.07240, Sec. 4). :func:`evaluate` splits the split into contiguous, disjoint shares, one per
-rank (:func:`inference_indices`, never padded, so no image is scored twice), maps each detection back
+rank (:func:`hvd_megdet.ranks.split`, never padded, so no image is scored twice), maps each detection back
 to original-image coordinates and COCO category ids (:func:`detections_to_coco`), gathers them to
 rank 0 and scores them with ``COCOeval`` (:func:`coco_metrics`). Metrics are fractions in [0, 1]
 exactly as pycocotools reports them (the paper prints them x100); -1 means "no ground truth in this
@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,30 +29,14 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from hvd_megdet import comm
+from hvd_megdet.fileio import atomic_write
+from hvd_megdet.ranks import split
 
 logger = logging.getLogger(__name__)
 
 # Names of COCOeval.stats[i]; stats 6 and 7 (AR@1, AR@10) are not reported.
 METRIC_NAMES = {"mmAP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5,
                 "mmAR": 8, "ARs": 9, "ARm": 10, "ARl": 11}
-
-
-def inference_indices(num_images: int, rank: int, size: int) -> list[int]:
-    """This rank's share of ``range(num_images)``: contiguous, disjoint, covering, unpadded.
-
-    The first ``num_images % size`` ranks take one image more, so shares differ by at most one and
-    no image is repeated (padding would count an image twice in COCOeval).
-
-    >>> [inference_indices(10, r, 3) for r in range(3)]
-    [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    """
-    if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"need 0 <= rank < size, got rank={rank}, size={size}")
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    base, extra = divmod(num_images, size)
-    begin = rank * base + min(rank, extra)
-    return list(range(begin, begin + base + (rank < extra)))
 
 
 def box_scale(orig_size: Sequence[int] | torch.Tensor, size: Sequence[int] | torch.Tensor) -> tuple[float, float]:
@@ -106,20 +89,9 @@ def detections_to_coco(
 
 
 def _write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f)
+    return Path(path)
 
 
 def write_results_json(path: str | os.PathLike, detections: list[dict]) -> Path:
@@ -241,9 +213,12 @@ def evaluate(
         RuntimeError: if any image was evaluated twice, or the evaluated images are not exactly
             the ground truth's images (the scores would not be COCO's).
     """
-    indices = inference_indices(len(dataset), ctx.rank, ctx.size)
+    indices = list(split(len(dataset), ctx.rank, ctx.size))
+    # Its own generator: the loader's worker seeds must not be drawn from the global RNG, which
+    # training continues from (a resumed run would otherwise sample proposals differently).
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, collate_fn=_collate)
+                                         shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                                         generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     start = time.perf_counter()

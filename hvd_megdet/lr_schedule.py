@@ -24,9 +24,10 @@ Conventions used by every function here (the trainer calls :func:`lr_at` before 
   policy decays x0.1 after 11 and 14 epochs, x0.5 after 17, and ends after 18.
 * **Warm-up and decay compose multiplicatively** (as detectron2's ``WarmupMultiStepLR``): should a
   decay fall inside the warm-up (only in tiny smoke runs), the warm-up value is multiplied by it.
-* **An epoch is ``ceil(num_images / global_batch)`` iterations**, which is what a sampler that
-  pads each rank's share by repeating images (``DistributedSampler(drop_last=False)``) followed by a
-  batch sampler that keeps its last partial batch yields: ``ceil(ceil(n / W) / B) = ceil(n / (W B))``.
+* **An epoch is what the trainer's samplers yield**: each rank takes ``ceil(num_images / W)``
+  images (its share, padded by repetition so all ranks step together), cut into full batches of
+  ``B`` images (``GroupedBatchSampler`` drops the partial one), and ``k`` batches make a step:
+  ``iters_per_epoch = ceil(n / W) // B // k``. COCO train2017 at 2 images x 128 ranks: 462.
 """
 from __future__ import annotations
 
@@ -100,11 +101,17 @@ def global_batch_size(images_per_rank: int, world_size: int, backward_passes_per
             * _check_int("backward_passes_per_step", backward_passes_per_step, 1))
 
 
-def iters_per_epoch(num_images: int, global_batch: int) -> int:
-    """Optimizer steps in one epoch: ``ceil(num_images / global_batch)`` (see module docstring)."""
+def iters_per_epoch(num_images: int, images_per_rank: int, world_size: int,
+                    backward_passes_per_step: int = 1) -> int:
+    """Optimizer steps in one epoch, ``ceil(n / W) // B // k`` (see module docstring); at least 1."""
     _check_int("num_images", num_images, 1)
-    _check_int("global_batch", global_batch, 1)
-    return -(-num_images // global_batch)
+    per_rank = -(-num_images // _check_int("world_size", world_size, 1))
+    steps = (per_rank // _check_int("images_per_rank", images_per_rank, 1)
+             // _check_int("backward_passes_per_step", backward_passes_per_step, 1))
+    if steps < 1:
+        raise ValueError(f"{num_images} images give each of {world_size} ranks {per_rank}: not one step of "
+                         f"{images_per_rank} images x {backward_passes_per_step} backward passes")
+    return steps
 
 
 def scaled_lr(global_batch: int, base_lr: float = BASE_LR, base_batch: int = BASE_BATCH) -> float:

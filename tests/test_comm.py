@@ -56,7 +56,7 @@ def _process_set_allreduce_worker():
     loss = (y * (ctx.rank + 1)).sum()
     loss.backward()
     world = comm.allreduce_mean(torch.tensor([float(ctx.rank)]), ctx)
-    return {"rank": ctx.rank, "local_rank": ctx.local_rank, "local_size": ctx.local_size,
+    return {"rank": ctx.rank, "host_rank": ctx.host_rank, "host_size": ctx.host_size, "device_index": ctx.device_index,
             "host_index": ctx.host_index, "num_hosts": ctx.num_hosts, "bn_ranks": ctx.bn_ranks,
             "y": y.detach().tolist(), "grad": x.grad.tolist(), "world_mean": world.item(),
             "hosts": comm.allgather_object(ctx.host_index, ctx)}
@@ -69,7 +69,8 @@ def test_allreduce_over_host_process_sets_on_4_ranks():
         assert res["rank"] == r
         assert res["bn_ranks"] == tuple(group)
         assert (res["host_index"], res["num_hosts"]) == (r // 2, 2)
-        assert (res["local_rank"], res["local_size"]) == (r % 2, 2)
+        assert (res["host_rank"], res["host_size"]) == (r % 2, 2)
+        assert res["device_index"] == r  # one physical machine: the GPU index ignores simulated hosts
         # Forward: sum over the set of (q + 1) * [1, 2, 3]; host 0 -> 3x, host 1 -> 7x.
         factor = sum(q + 1 for q in group)
         assert res["y"] == [factor * 1.0, factor * 2.0, factor * 3.0]

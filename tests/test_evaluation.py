@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 
 from hvd_megdet import comm
 from hvd_megdet.evaluation import (box_scale, coco_metrics, detections_to_coco, evaluate,
-                                   inference_indices, write_results_json)
+                                   write_results_json)
 from tests.mpirun import run_ranks
 
 # The 80 COCO category ids: 1..90 with gaps.
@@ -207,19 +207,6 @@ def test_gt_without_annotations_key_is_rejected():
 # --------------------------------------------------------------------------------------------------
 # pure helpers
 # --------------------------------------------------------------------------------------------------
-def test_inference_indices_disjoint_covering_unpadded():
-    assert [inference_indices(10, r, 3) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    for n in range(0, 14):
-        for size in range(1, 6):
-            shares = [inference_indices(n, r, size) for r in range(size)]
-            assert sorted(i for s in shares for i in s) == list(range(n))
-            assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert inference_indices(2, 3, 4) == []  # more ranks than images: some run nothing
-    for bad in [(10, 3, 3), (10, -1, 3), (10, 0, 0), (-1, 0, 1)]:
-        with pytest.raises(ValueError):
-            inference_indices(*bad)
-
-
 def test_detections_to_coco_by_hand():
     # Input image 100 x 200 (h x w) from an original of 50 x 400: sx = 400/200 = 2, sy = 50/100 = 0.5.
     scale = box_scale(torch.tensor([50, 400]), torch.tensor([100, 200]))

@@ -27,18 +27,32 @@ def test_global_batch_counts_every_image_of_one_step():
     assert lrs.global_batch_size(4, 8, backward_passes_per_step=2) == 64
 
 
-def test_iters_per_epoch_is_ceil_and_matches_padding_distributed_sampler():
-    from torch.utils import data as torch_data  # the test may use torch; the module may not
+def test_iters_per_epoch_matches_the_trainers_samplers():
+    # The samplers the trainer uses are the reference: the schedule and the data must agree on
+    # where an epoch (and so every LR decay) ends.
+    from hvd_megdet.data import DistributedShardSampler, GroupedBatchSampler
 
-    for n in (1, 7, 10, 16, 17, 33, 100):
+    class _Images:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    for n in (2, 7, 10, 16, 17, 33, 100):
         for world in (1, 2, 3, 4):
             for per_rank in (1, 2, 3):
-                sampler = torch_data.DistributedSampler(range(n), num_replicas=world, rank=world - 1,
-                                                        shuffle=False, drop_last=False)
-                batches = torch_data.BatchSampler(sampler, per_rank, drop_last=False)
-                assert lrs.iters_per_epoch(n, world * per_rank) == len(batches), (n, world, per_rank)
-    assert lrs.iters_per_epoch(118287, 256) == 463  # COCO train2017: 462.06 -> 463
-    assert lrs.iters_per_epoch(256, 256) == 1
+                for passes in (1, 2):
+                    sampler = DistributedShardSampler(_Images(n), rank=world - 1, size=world)
+                    if len(sampler) < per_rank * passes:
+                        with pytest.raises(ValueError, match="not one step"):
+                            lrs.iters_per_epoch(n, per_rank, world, passes)
+                        continue
+                    batches = GroupedBatchSampler(sampler, [1.0] * n, per_rank)
+                    assert lrs.iters_per_epoch(n, per_rank, world, passes) == len(batches) // passes, \
+                        (n, world, per_rank, passes)
+    assert lrs.iters_per_epoch(118287, 2, 128) == 462  # COCO train2017, Table 3's 256 batch
+    assert lrs.iters_per_epoch(256, 2, 128) == 1
 
 
 def test_total_iters_per_policy():
@@ -118,7 +132,7 @@ def test_custom_policy_object():
     (lambda: lrs.scaled_lr(16.0), "global_batch"),
     (lambda: lrs.global_batch_size(2, 0), "world_size"),
     (lambda: lrs.global_batch_size(2, 4, backward_passes_per_step=0), "backward_passes_per_step"),
-    (lambda: lrs.iters_per_epoch(0, 16), "num_images"),
+    (lambda: lrs.iters_per_epoch(0, 2, 8), "num_images"),
     (lambda: lrs.total_iters(10, "Normal"), "unknown LR policy"),
     (lambda: lrs.LRPolicy((8, 8), (0.1, 0.1), 11), "ascending"),
     (lambda: lrs.LRPolicy((8,), (0.1, 0.1), 11), "decay_factors"),

@@ -163,11 +163,12 @@ def test_two_ranks_train_log_and_checkpoint(tiny_train_shards, tmp_path):
     assert [r["iter"] for r in records] == [1, 2]
     for key in ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr",
                 "img_per_s", "data_time", "step_time", "global_batch", "peak_mem_mb",
-                "rpn_pos_neg_ratio", "roi_pos_neg_ratio"):
+                "rpn_pos_neg_ratio", "roi_pos_neg_ratio", "bn_size"):
         assert key in records[0], key
     assert 0 < records[0]["rpn_pos_neg_ratio"] < 1
+    assert all(r["bn_size"] == 4 for r in records)  # every record says which Table 3 row it is
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["ckpt_00000002.pt"]
-    assert (out / "config.yaml").exists() and (out / "loss.svg").exists()
+    assert (out / "config.yaml").exists() and (out / train.FINISHED).exists()
     # Resume on 2 ranks: rank 0 finds the checkpoint, the others learn it by broadcast.
     assert run_ranks("tests.test_train:_short_run_worker", np=2, args=(str(tiny_train_shards), str(out), 3)) == [0, 0]
     assert read_log(out / "log.jsonl", "start")[-1]["start_iter"] == 2

@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hvd_megdet.data.h5_dataset import ShardedCocoDataset
-    from hvd_megdet.data.samplers import DistributedShardSampler, GroupedBatchSampler, shard_indices
+    from hvd_megdet.data.samplers import (DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset,
+                                          shard_indices)
     from hvd_megdet.data.transforms import build_transforms, collate_fn
 
 _EXPORTS = {
     "ShardedCocoDataset": "hvd_megdet.data.h5_dataset",
     "DistributedShardSampler": "hvd_megdet.data.samplers",
     "GroupedBatchSampler": "hvd_megdet.data.samplers",
+    "EpochTagged": "hvd_megdet.data.samplers",
+    "SeededDataset": "hvd_megdet.data.samplers",
     "shard_indices": "hvd_megdet.data.samplers",
     "build_transforms": "hvd_megdet.data.transforms",
     "collate_fn": "hvd_megdet.data.transforms",

@@ -6,20 +6,16 @@ padded by repetition, as ``torch.utils.data.DistributedSampler`` does) and so th
 batches: Horovod ranks must run the same number of steps.
 
 Resuming mid-epoch: the order of epoch ``e`` is a function of (seed, e, rank, world), so a
-checkpoint records only the epoch and how many batches the training loop consumed; the sampler
-rebuilds the order and starts after them. The trainer does::
+checkpoint records only the epoch and how many batches the training loop consumed in it (the loop
+counts them itself: DataLoader workers fetch ahead of it, so the sampler cannot know). The trainer::
 
     batch_sampler = GroupedBatchSampler(DistributedShardSampler(ds, rank, size, seed), ds.aspect_ratios(), 2)
-    batch_sampler.load_state_dict(ckpt["batch_sampler"])         # when resuming
-    for epoch in range(start_epoch, epochs):
-        batch_sampler.set_epoch(epoch)                           # keeps the resume point of its epoch
-        for it, (images, targets) in enumerate(loader):
-            ...
-            ckpt["batch_sampler"] = batch_sampler.state_dict(consumed=it + 1)
+    loader = DataLoader(SeededDataset(ds, seed), batch_sampler=EpochTagged(batch_sampler), ...)
+    batch_sampler.set_epoch(epoch, start=batches_done)   # before iterating the loader for `epoch`
 
-``consumed`` counts batches taken from the DataLoader in the current pass; it matters because
-DataLoader workers fetch batches ahead of the loop. Without it the state counts batches the sampler
-has handed out, which is exact only with ``num_workers=0``.
+Augmentation randomness is a function of (seed, epoch, index) too (:class:`SeededDataset`): the batch
+sampler's indices travel to the workers tagged with their epoch (:class:`EpochTagged`), which
+persistent workers need, since they never see the main process's later attribute changes.
 """
 from __future__ import annotations
 
@@ -27,7 +23,8 @@ import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import Dataset, Sampler
 
 LANDSCAPE, PORTRAIT = 0, 1
 
@@ -127,7 +124,7 @@ class DistributedShardSampler(Sampler[int]):
         self.shuffle = shuffle
         self.shard_sizes = list(dataset.shard_sizes) if shard_shuffle else None
         self.num_samples = math.ceil(self.dataset_len / size)
-        self.epoch, self._resume_at, self._pass_start, self._handed_out = 0, 0, 0, 0
+        self.epoch = 0
 
     def indices(self) -> list[int]:
         """This rank's whole order for the current epoch."""
@@ -135,39 +132,15 @@ class DistributedShardSampler(Sampler[int]):
                              self.shard_sizes)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order; a resume point loaded for this same epoch is kept."""
-        if epoch != self.epoch:
-            self.epoch, self._resume_at = epoch, 0
+        """Select the epoch's order."""
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        # A generator: the resume point is used on the first next(), not by an iterator that is
-        # created and dropped unused (DataLoader's multi-worker iterator calls iter() twice).
-        start, self._resume_at = self._resume_at, 0
-        self._pass_start = self._handed_out = start
-        for i in self.indices()[start:]:
-            self._handed_out += 1
-            yield i
+        return iter(self.indices())
 
     def __len__(self) -> int:
-        """Samples per epoch on every rank (a resumed pass yields fewer)."""
+        """Samples per epoch on every rank."""
         return self.num_samples
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Where this epoch stands.
-
-        Args:
-            consumed: samples the loop took in the current pass (default: samples handed out).
-        """
-        done = self._handed_out if consumed is None else self._pass_start + consumed
-        return {"epoch": self.epoch, "consumed": done, "seed": self.seed, "size": self.size,
-                "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the first sample not consumed when ``state`` was taken."""
-        for key in ("seed", "size", "num_samples"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: checkpoint has {key}={state[key]}, this run {getattr(self, key)}")
-        self.epoch, self._resume_at = state["epoch"], state["consumed"]
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -186,16 +159,17 @@ class GroupedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size {batch_size} needs 1 <= batch_size <= {len(sampler)} (samples per rank)")
         self.sampler, self.batch_size = sampler, batch_size
         self.groups = aspect_groups(aspect_ratios)
-        self._resume_at, self._pass_start, self._handed_out = 0, 0, 0
+        self.start = 0
 
     @property
     def epoch(self) -> int:
         return getattr(self.sampler, "epoch", 0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Forward to the sampler; a resume point loaded for this same epoch is kept."""
-        if epoch != self.epoch:
-            self._resume_at = 0
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; the next pass skips its first ``start`` batches (a resumed epoch)."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start={start} is outside an epoch of {len(self)} batches")
+        self.start = start
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
@@ -205,33 +179,45 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return group_batches(order, self.groups, self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        # A generator, for the reason given in DistributedShardSampler.__iter__.
-        start, self._resume_at = self._resume_at, 0
-        self._pass_start = self._handed_out = start
-        for batch in self.batches()[start:]:
-            self._handed_out += 1
-            yield batch
+        return iter(self.batches()[self.start:])
 
     def __len__(self) -> int:
         """Batches per epoch on every rank (a resumed pass yields fewer)."""
         return len(self.sampler) // self.batch_size
 
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Where this epoch stands.
 
-        Args:
-            consumed: batches the training loop took from the DataLoader in the current pass
-                (default: batches handed out, exact only without DataLoader workers).
-        """
-        done = self._handed_out if consumed is None else self._pass_start + consumed
-        return {"epoch": self.epoch, "batches_consumed": done, "batch_size": self.batch_size,
-                "num_batches": len(self)}
+class EpochTagged(Sampler[list[tuple[int, int]]]):
+    """``batch_sampler``'s batches with every index paired with the epoch: ``[(epoch, index), ...]``."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the first batch not consumed when ``state`` was taken."""
-        for key, mine in (("batch_size", self.batch_size), ("num_batches", len(self))):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume: checkpoint has {key}={state[key]}, this run {mine}")
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(state["epoch"])
-        self._resume_at = state["batches_consumed"]
+    def __init__(self, batch_sampler: GroupedBatchSampler) -> None:
+        self.batch_sampler = batch_sampler
+        self.batch_size = batch_sampler.batch_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.batch_sampler.set_epoch(epoch, start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batch_sampler.epoch
+        for batch in self.batch_sampler:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class SeededDataset(Dataset):
+    """Indexed by ``(epoch, index)``: each sample's random augmentation is a function of
+    (seed, epoch, index), whichever worker loads it and however far any RNG has advanced, so a
+    resumed run sees exactly the images an uninterrupted one would."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % 2**63)
+            return self.dataset[index]

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_megdet.data import (DistributedShardSampler, GroupedBatchSampler, ShardedCocoDataset, build_transforms,
-                              collate_fn)
+from hvd_megdet.data import (DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset,
+                              ShardedCocoDataset, build_transforms, collate_fn)
 
 
 def _loader(ds: ShardedCocoDataset, workers: int, rank: int = 0) -> tuple[DataLoader, GroupedBatchSampler]:
@@ -34,19 +34,19 @@ def test_two_workers_deliver_exactly_the_sampled_items(packed_dir: Path):
             assert all(torch.equal(target[k], ref_target[k]) for k in ref_target)
 
 
-def test_resume_through_a_loader_with_workers(packed_dir: Path):
+def test_resume_through_a_persistent_loader_with_workers(packed_dir: Path):
     ds = ShardedCocoDataset(packed_dir, transforms=build_transforms(False, min_size=48, max_size=80))
-    loader, batch_sampler = _loader(ds, workers=2)
-    batch_sampler.set_epoch(3)
-    full = [[ds.image_ids[i] for i in b] for b in batch_sampler.batches()]
-    it = iter(loader)
-    seen = [[int(t["image_id"]) for t in next(it)[1]] for _ in range(2)]
-    # The workers have fetched ahead, so the sampler has handed out more than the loop consumed.
-    assert batch_sampler.state_dict()["batches_consumed"] > 2
-    state = batch_sampler.state_dict(consumed=2)
-    del it
-    loader2, batch_sampler2 = _loader(ds, workers=2)
-    batch_sampler2.load_state_dict(state)
-    batch_sampler2.set_epoch(3)
-    rest = [[int(t["image_id"]) for t in targets] for _, targets in loader2]
-    assert seen + rest == full
+    sampler = DistributedShardSampler(ds, rank=0, size=2, seed=4, shard_shuffle=True)
+    batch_sampler = GroupedBatchSampler(sampler, ds.aspect_ratios(), batch_size=2)
+    # As the trainer builds it: once per run, workers kept across epochs, indices tagged with the epoch.
+    loader = DataLoader(SeededDataset(ds, seed=1), batch_sampler=EpochTagged(batch_sampler), num_workers=2,
+                        persistent_workers=True, collate_fn=collate_fn)
+    ids = {}
+    for epoch in (3, 4):
+        batch_sampler.set_epoch(epoch)
+        ids[epoch] = [[ds.image_ids[i] for i in b] for b in batch_sampler.batches()]
+        assert [[int(t["image_id"]) for t in targets] for _, targets in loader] == ids[epoch]
+    assert ids[3] != ids[4]
+    # Resume epoch 3 after 2 consumed batches (the trainer counts them; the workers fetched ahead).
+    batch_sampler.set_epoch(3, start=2)
+    assert [[int(t["image_id"]) for t in targets] for _, targets in loader] == ids[3][2:]

@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 
-from hvd_megdet.data import DistributedShardSampler, GroupedBatchSampler, shard_indices
+import torch
+
+from hvd_megdet.data import DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset, shard_indices
 from hvd_megdet.data.samplers import LANDSCAPE, PORTRAIT, aspect_groups, epoch_order, group_batches
 
 
@@ -72,28 +74,16 @@ class _DS:
 
 
 @pytest.mark.parametrize("shard_shuffle", [False, True])
-def test_sampler_iterates_its_share_and_resumes_exactly(shard_shuffle):
+def test_sampler_iterates_its_share_of_each_epoch(shard_shuffle):
     ds = _DS(30)
     s = DistributedShardSampler(ds, rank=1, size=4, seed=3, shard_shuffle=shard_shuffle)
     s.set_epoch(2)
     full = list(s)
     assert len(s) == len(full) == 8
     assert full == shard_indices(30, 1, 4, 3, 2, shard_sizes=ds.shard_sizes if shard_shuffle else None)
-    it = iter(s)
-    taken = [next(it) for _ in range(3)]
-    state = s.state_dict()
-    assert state["epoch"] == 2 and state["consumed"] == 3 and taken == full[:3]
-    fresh = DistributedShardSampler(ds, rank=1, size=4, seed=3, shard_shuffle=shard_shuffle)
-    fresh.load_state_dict(state)
-    fresh.set_epoch(2)  # the trainer's usual call keeps the resume point of the same epoch
-    rest = iter(fresh)
-    assert [next(rest) for _ in range(2)] == full[3:5]
-    assert fresh.state_dict()["consumed"] == 5 and fresh.state_dict(consumed=1)["consumed"] == 4
-    assert list(rest) == full[5:]
-    fresh.set_epoch(3)
-    assert list(fresh) == shard_indices(30, 1, 4, 3, 3, shard_sizes=ds.shard_sizes if shard_shuffle else None)
-    with pytest.raises(ValueError, match="size"):
-        DistributedShardSampler(ds, rank=0, size=2, seed=3).load_state_dict(state)
+    assert list(s) == full  # a pure function of the epoch
+    s.set_epoch(3)
+    assert list(s) == shard_indices(30, 1, 4, 3, 3, shard_sizes=ds.shard_sizes if shard_shuffle else None)
 
 
 def test_group_batches_pure_and_complete():
@@ -137,22 +127,39 @@ def test_grouped_batch_sampler_resumes_at_the_next_batch():
     gb = make()
     gb.set_epoch(4)
     full = list(gb)
-    it = iter(gb)
-    [next(it) for _ in range(3)]
-    state = gb.state_dict()
-    assert state == {"epoch": 4, "batches_consumed": 3, "batch_size": 2, "num_batches": 10}
+    assert len(full) == len(gb) == 10
     again = make()
-    again.load_state_dict(state)
-    again.set_epoch(4)
-    it = iter(again)
-    assert next(it) == full[3]
-    assert again.state_dict(consumed=1)["batches_consumed"] == 4
-    assert list(it) == full[4:]
+    again.set_epoch(4, start=3)  # the trainer's resume: 3 batches of epoch 4 were consumed
+    assert list(again) == full[3:]
     again.set_epoch(5)
     other = make()
     other.set_epoch(5)
     assert list(again) == list(other) != full
-    with pytest.raises(ValueError, match="batch_size"):
-        GroupedBatchSampler(DistributedShardSampler(_DS(n), 0, 2, seed=9), ratios, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="start=11"):
+        again.set_epoch(5, start=11)
     with pytest.raises(ValueError):
         GroupedBatchSampler(DistributedShardSampler(_DS(n), 0, 2), ratios, 21)
+
+
+def test_epoch_tagged_batches_and_seeded_samples():
+    n, ratios = 12, [1.33] * 12
+    gb = GroupedBatchSampler(DistributedShardSampler(_DS(n), 0, 1, seed=2), ratios, batch_size=3)
+    gb.set_epoch(7, start=1)
+    tagged = list(EpochTagged(gb))
+    assert tagged == [[(7, i) for i in b] for b in gb.batches()[1:]] and len(EpochTagged(gb)) == 4
+
+    class Noisy:
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.rand(2).tolist()
+
+    ds = SeededDataset(Noisy(), seed=5)
+    torch.manual_seed(0)
+    first = ds[(7, 3)]
+    torch.rand(100)  # the global RNG moves on: the sample must not
+    assert ds[(7, 3)] == first and ds[(8, 3)] != first and ds[(7, 4)] != first
+    before = torch.get_rng_state()
+    ds[(1, 1)]
+    assert torch.equal(torch.get_rng_state(), before)  # and it does not move the global RNG

@@ -1,16 +1,7 @@
 """Rank arithmetic of packing, for every rank of several worlds."""
 import pytest
 
-from data_prep.world import World, block_range, shards_of_rank
-
-
-@pytest.mark.parametrize("n", [0, 1, 5, 30, 31])
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
-def test_block_range_covers_in_order_with_balanced_sizes(n, world):
-    blocks = [block_range(n, r, world) for r in range(world)]
-    assert [i for start, stop in blocks for i in range(start, stop)] == list(range(n))
-    sizes = [stop - start for start, stop in blocks]
-    assert max(sizes) - min(sizes) <= 1
+from data_prep.world import World, get_world, shards_of_rank
 
 
 @pytest.mark.parametrize("num_shards, world", [(4, 2), (5, 2), (3, 4), (116, 16)])
@@ -26,3 +17,12 @@ def test_single_process_world_collectives_are_identity():
     assert world.allgather("x") == ["x"] and world.gather(3) == [3]
     world.barrier()
     world.abort(1)  # a world of one has nobody to abort
+
+
+def test_several_ranks_without_mpi4py_stop_instead_of_running_as_one(monkeypatch):
+    # Every rank would otherwise pack the whole set into the same output directory.
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setitem(__import__("sys").modules, "mpi4py", None)
+    with pytest.raises(SystemExit, match=r"rank 1 of 2 by openmpi, but mpi4py is not importable"):
+        get_world()

@@ -19,7 +19,7 @@ import json, os, sys
 from hvd_megdet import comm
 out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("train.output_dir="))
 ctx = comm.init()
-info = dict(rank=ctx.rank, size=ctx.size, local_size=ctx.local_size, argv=sys.argv[1:],
+info = dict(rank=ctx.rank, size=ctx.size, host_size=ctx.host_size, argv=sys.argv[1:],
             omp=os.environ.get("OMP_NUM_THREADS"), hdf5=os.environ.get("HDF5_USE_FILE_LOCKING"))
 with open(os.path.join(out, "rank%d.json" % ctx.rank), "w") as f:
     json.dump(info, f)
@@ -41,7 +41,7 @@ def test_two_local_ranks_form_one_horovod_world(tmp_path, launcher):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     ranks = [json.loads((cluster.output / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [(r["rank"], r["size"], r["local_size"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
+    assert [(r["rank"], r["size"], r["host_size"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
     for r in ranks:
         assert r["argv"] == ["-m", "hvd_megdet.train", "--config", str(cluster.config), "--set",
                              f"data.train_path={cluster.data}", f"train.output_dir={cluster.output}",
