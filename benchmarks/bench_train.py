@@ -155,7 +155,7 @@ TUNED_ENV = {"HOROVOD_CYCLE_TIME": "10", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 def _start_job(name: str, np: int, argv: list[str], extra_env: dict | None = None) -> subprocess.Popen:
     sys.path.insert(0, str(ROOT))
-    from tests.mpirun import mpirun_command
+    from hvd_megdet.ranks import local_mpirun_command as mpirun_command
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
     cmd = mpirun_command(np) + [sys.executable, __file__, "--job", name, *argv]

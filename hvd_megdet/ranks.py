@@ -15,6 +15,7 @@ A plain ``python`` process is a world of one.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -76,3 +77,15 @@ def split(num_items: int, rank: int, size: int) -> range:
     base, extra = divmod(num_items, size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
+
+
+def local_mpirun_command(np: int) -> list[str]:
+    """``mpirun`` for ``np`` ranks on this machine (tests, benchmarks, the demo): oversubscribed cores,
+    no binding, and allowed as root (containers)."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise FileNotFoundError("mpirun not found on PATH: run `make setup` (it installs OpenMPI)")
+    cmd = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    return cmd

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from hvd_megdet.ranks import local_mpirun_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,14 +30,10 @@ class RankFailure(AssertionError):
 
 def mpirun_command(np: int) -> list[str]:
     """The mpirun prefix for ``np`` ranks sharing this machine's cores."""
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        # A missing launcher fails the test; it is never a skip.
-        raise RankFailure("mpirun not found on PATH: run `make setup` (it installs OpenMPI)")
-    cmd = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    return cmd
+    try:
+        return local_mpirun_command(np)
+    except FileNotFoundError as err:  # a missing launcher fails the test; it is never a skip
+        raise RankFailure(str(err)) from None
 
 
 def run_ranks(
