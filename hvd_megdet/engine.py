@@ -237,7 +237,7 @@ def train_one_epoch(model, optimizer, scaler, loader, progress: Progress, settin
                     "skipped_steps": progress.skipped_steps,
                     "peak_mem_mb": peak_memory_mb(settings.step.device)})
                 logger.log("train", record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.4g}")
+                bar.set_postfix(epoch=progress.epoch + 1, loss=record["loss"], lr=lr, img_per_s=record["img_per_s"])
                 window = _Window()
             yield progress
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-from hvd_megdet import checkpoint, comm, engine
+from hvd_megdet import checkpoint, comm, engine, errors
 from hvd_megdet.config import load_or_exit
 from hvd_megdet.data import ShardedCocoDataset, build_transforms
 from hvd_megdet.evaluation import evaluate
@@ -32,6 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="where detections.json and metrics.json go "
                                                        "(default: beside the checkpoint, eval_<name>/)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser
 
 
@@ -44,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = comm.init(cfg.model.bn_group_size)
     setup_console_logging(ctx.is_main)
+    try:
+        _evaluate_checkpoint(args, cfg, ctx, data)
+    except Exception as err:
+        errors.end_rank(err, ctx.rank, debug=args.debug)  # a bad shard or checkpoint: one line, exit 1
+        raise
+    comm.barrier(ctx)
+    comm.shutdown(ctx)
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace, cfg, ctx: comm.DistContext, data: str) -> None:
     device = engine.pick_device(cfg.train.device, ctx)
     dataset = ShardedCocoDataset(data, transforms=build_transforms(False, cfg.data.min_size, cfg.data.max_size))
     model = build_model(cfg.model, ctx, dataset.num_classes, min_size=cfg.data.min_size, max_size=cfg.data.max_size)
@@ -57,9 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_main:
         print(json.dumps({"checkpoint": str(ckpt), "data": str(data), **metrics}, indent=2))
         print(f"wrote {out}/metrics.json and {out}/detections.json")
-    comm.barrier(ctx)
-    comm.shutdown(ctx)
-    return 0
 
 
 if __name__ == "__main__":

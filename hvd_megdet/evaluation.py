@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
 from hvd_megdet import comm
 from hvd_megdet.fileio import atomic_write
+from hvd_megdet.metrics import progress_bar
 from hvd_megdet.ranks import split
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def evaluate(
     local_dets: list[dict] = []
     local_ids: list[int] = []
     try:
-        with tqdm(total=len(indices), desc="eval", unit="img", disable=not (progress and ctx.is_main)) as bar:
+        with progress_bar(len(indices), desc="eval", unit="img", enabled=progress and ctx.is_main) as bar:
             for images, targets in loader:
                 outputs = model([img.to(device) for img in images])
                 for out, target in zip(outputs, targets, strict=True):

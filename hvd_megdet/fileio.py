@@ -1,9 +1,11 @@
 """Atomic file writes: the one helper every writer in the package uses.
 
-    with atomic_path(out / "shard_0003.h5") as tmp:   # writers that need a path (h5py, torch.save)
+    with atomic_path(out / "shard_0003.h5") as tmp:   # writers that need a path (h5py)
         h5py.File(tmp, "w") ...
     with atomic_write(out / "metrics.json", "w") as f: # writers that need a file object
         json.dump(metrics, f)
+    with atomic_write(out / "model.pt", "wb") as f:    # torch.save: a file object, not a path (given a
+        torch.save(state, f)                           # path, torch keeps it open after a failed write)
     atomic_write_text(out / "config.yaml", text)
 
 The data goes to a temporary name beside the target, is fsynced, then renamed over the target, and
@@ -83,9 +85,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise WriteError(err.errno or errno.EIO,
                              f"could not write {path}: {err.strerror or err} ({free_space(path.parent)})") from err
         if isinstance(err, RuntimeError) and _looks_like_disk_error(err):
-            # torch.save reports a failed write as RuntimeError ("unexpected pos ..."), not OSError.
-            raise WriteError(errno.EIO, f"could not write {path}: {str(err).splitlines()[0][:200]} "
-                                        f"({free_space(path.parent)})") from err
+            # torch.save reports a failed write as RuntimeError ("unexpected pos ..."), not OSError; when
+            # it wrote through a Python file, the OSError it swallowed (ENOSPC, EDQUOT) is its context.
+            cause = err.__context__ if isinstance(err.__context__, OSError) else None
+            reason = cause.strerror if cause is not None and cause.strerror else str(err).splitlines()[0][:200]
+            raise WriteError(cause.errno if cause is not None and cause.errno else errno.EIO,
+                             f"could not write {path}: {reason} ({free_space(path.parent)})") from err
         raise
     _fsync_directory(path.parent)
 

@@ -54,7 +54,11 @@ def load_backbone_weights(resnet: nn.Module, path: str) -> None:
     """Load a torchvision-format ResNet state dict from disk (compute nodes have no internet)."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"model.backbone_weights: no such file {path}")
+        raise FileNotFoundError(
+            f"model.backbone_weights: no such file {path}; on a machine with internet, "
+            f"`python -m hvd_megdet.fetch_weights --out {file.parent}` fetches torchvision's ImageNet ResNet-50 "
+            f"(--arch resnet18/34/101 the others; copy the directory to nodes without internet), or set "
+            f"model.backbone_weights=\"\" to start from random weights")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, or one holding more than tensors

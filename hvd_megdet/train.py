@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hvd_megdet import checkpoint, comm, engine, lr_schedule
+from hvd_megdet import checkpoint, comm, engine, errors, lr_schedule, report, watchdog
 from hvd_megdet.config import Config, SolverConfig, load_or_exit, save_config, to_dict
 from hvd_megdet.data import (DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset,
                              ShardedCocoDataset, build_transforms, collate_fn)
@@ -33,6 +33,7 @@ from hvd_megdet.model import build_model, count_norm_layers
 
 log = logging.getLogger("hvd_megdet.train")
 FINISHED = "finished.json"  # written by rank 0 once the whole budget is trained (and evaluated)
+EVAL_STALL_FACTOR = 6  # evaluation may take this many train.stall_timeout_s before the watchdog fires
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,8 +81,9 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
-    """Train with ``cfg`` on the ranks of ``ctx``; returns a summary (paths, iterations, epoch)."""
+def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bool = False) -> dict:
+    """Train with ``cfg`` on the ranks of ``ctx``; returns a summary (paths, iterations, epoch).
+    ``debug``: a stalled rank prints every thread's stack before it ends the job."""
     out = Path(cfg.train.output_dir)
     device = engine.pick_device(cfg.train.device, ctx)
     torch.manual_seed(cfg.train.seed)  # same initial weights everywhere (then broadcast from rank 0)
@@ -126,12 +128,15 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
                                            backward_passes_per_step=s.backward_passes_per_step)
     scaler = torch.amp.GradScaler(device.type) if s.amp == "fp16" else None
 
-    # Resume: rank 0 picks the checkpoint, every rank reads that file itself.
+    # Resume: rank 0 picks the newest checkpoint that loads (a damaged newer one is skipped, named),
+    # every rank reads that file itself.
     progress = engine.Progress()
-    path = resume or (checkpoint.latest_checkpoint(out) if ctx.is_main else None)
-    path = comm.broadcast_object(str(path) if path else None, ctx)  # dist(world)
+    found = None
+    if ctx.is_main:
+        found = (resume, checkpoint.load_checkpoint(resume)) if resume else checkpoint.find_resumable(out)
+    path = comm.broadcast_object(str(found[0]) if found else None, ctx)  # dist(world)
     if path:
-        state = checkpoint.load_checkpoint(path)
+        state = found[1] if found else checkpoint.load_checkpoint(path)
         checkpoint.check_world(state, ctx.size, global_batch, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -189,9 +194,14 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
             logger.log("eval", {"epoch": progress.epoch + 1, "iter": progress.iteration, **metrics})
 
     saved_at = progress.iteration if path else None
-    with sigterm_flag() as stop_requested:
+    # A rank that stops progressing (a hung read, a stopped process) ends the job with one line naming
+    # it: Horovod's own stall check cannot see it (see watchdog).
+    stall = watchdog.Watchdog(ctx.rank, cfg.train.stall_timeout_s, status_dir=out / "status",
+                              world_size=ctx.size, dump_stacks=debug)
+    with sigterm_flag() as stop_requested, stall:
+        batches = watchdog.watched(loader, stall)  # beats before and after every batch
         for epoch in range(progress.epoch, math.ceil(total / iters_per_epoch)):
-            for _ in engine.train_one_epoch(model, optimizer, scaler, loader, progress, settings, ctx, logger):
+            for _ in engine.train_one_epoch(model, optimizer, scaler, batches, progress, settings, ctx, logger):
                 # dist(world): every rank learns whether any rank was signalled, so all stop together.
                 if engine.any_rank(stop_requested.is_set(), ctx, "stop"):
                     save()
@@ -206,6 +216,8 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
             if val_dataset is not None and (epoch + 1 in cfg.train.eval_epochs or (last and cfg.train.eval_at_end)):
                 if saved_at != progress.iteration:
                     saved_at = save()
+                # Evaluation has no per-batch beat here: it gets a longer limit of its own.
+                stall.beat(f"evaluation after epoch {epoch + 1}", timeout_s=EVAL_STALL_FACTOR * cfg.train.stall_timeout_s)
                 evaluate_now(f"eval_epoch{epoch + 1:02d}")
             progress.next_epoch()
             saved_at = save()
@@ -218,6 +230,12 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None) -> dict:
                "skipped_steps": progress.skipped_steps}
     if ctx.is_main:
         atomic_write_text(out / FINISHED, json.dumps(summary, indent=1) + "\n")
+        try:  # the figures are a convenience: a failure here must not fail a finished run
+            paths = report.write_report([out], out / "report")
+            log.info("report: %s", paths.markdown)
+        except Exception as err:  # noqa: BLE001 (matplotlib, a full disk, a log without records...)
+            log.warning("could not write the report (%s: %s); run python -m hvd_megdet.report %s later",
+                        type(err).__name__, err, out)
     logger.close()
     return summary
 
@@ -228,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = comm.init(cfg.model.bn_group_size)
     setup_console_logging(ctx.is_main)
     try:
-        summary = run(cfg, ctx, args.resume)
+        summary = run(cfg, ctx, args.resume, debug=args.debug)
     except engine.NonFiniteLossError as err:
         log.error("%s", err)
         return 3
@@ -236,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("rank %d: %s", ctx.rank, err)
         comm.barrier(ctx)  # leave together
         return 143  # 128 + SIGTERM, as if the signal had ended the process
+    except Exception as err:
+        errors.end_rank(err, ctx.rank, debug=args.debug)  # a bad shard, checkpoint or disk: one line, exit 1
+        raise  # anything else is a bug: the full traceback
     if ctx.is_main:
         print(f"done: {summary['iterations']} iterations; log {summary['output_dir']}/log.jsonl, "
               f"checkpoints {summary['output_dir']}/checkpoints/")

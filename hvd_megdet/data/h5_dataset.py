@@ -2,8 +2,14 @@
 
 Shards are opened lazily, read-only and without HDF5 locking, in the process that reads them: a
 handle opened before DataLoader workers fork is never used by a worker (the pid is checked), and
-pickling (spawn / forkserver workers) drops open handles. Sizes and ids come from the manifest, so
-``len``, ``image_ids`` and ``aspect_ratios()`` open no shard at all.
+pickling (spawn / forkserver workers) drops open handles. Open shards stay open in their process (up
+to ``max_open_files``), so a persistent DataLoader worker opens each shard it reads once per run, even
+under the global shuffle. Sizes and ids come from the manifest, so ``len``, ``image_ids`` and
+``aspect_ratios()`` open no shard at all.
+
+A shard that cannot be opened or read (missing, truncated, damaged, permission denied) raises
+:class:`~hvd_megdet.errors.DataError` naming the shard file and the image id, in the main process or
+in a DataLoader worker (torch re-raises it in the main process, still one line).
 
 Targets follow torchvision's detection references: xyxy float32 boxes in pixels, int64 labels in
 1..K (categories sorted by id; 0 is background), and COCO's own ``area``/``iscrowd``.
@@ -20,11 +26,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from hvd_megdet.data import h5_schema as S
+from hvd_megdet.errors import DataError
 
 BACKGROUND_CATEGORY_ID = -1  # label_to_category_id[0]: no COCO category is background
+
+# What h5py, HDF5 and Pillow raise for a file that is missing, truncated or damaged (h5py: OSError,
+# KeyError for a missing dataset; Pillow: OSError, SyntaxError, ValueError for a broken image).
+_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, SyntaxError, EOFError)
 
 Transform = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -34,14 +45,18 @@ class _OpenShard:
 
     def __init__(self, path: Path) -> None:
         self.file = S.open_shard(path)
-        f = self.file
-        self.image_offsets = f[S.IMAGE_OFFSETS][:]
-        self.ann_offsets = f[S.ANN_OFFSETS][:]
-        self.bbox = f[S.ANN_BBOX][:]
-        self.category_id = f[S.ANN_CATEGORY_ID][:]
-        self.iscrowd = f[S.ANN_ISCROWD][:]
-        self.area = f[S.ANN_AREA][:]
-        self.data = f[S.IMAGE_DATA]
+        try:
+            f = self.file
+            self.image_offsets = f[S.IMAGE_OFFSETS][:]
+            self.ann_offsets = f[S.ANN_OFFSETS][:]
+            self.bbox = f[S.ANN_BBOX][:]
+            self.category_id = f[S.ANN_CATEGORY_ID][:]
+            self.iscrowd = f[S.ANN_ISCROWD][:]
+            self.area = f[S.ANN_AREA][:]
+            self.data = f[S.IMAGE_DATA]
+        except BaseException:
+            self.file.close()  # opened but damaged inside: do not leak the handle
+            raise
 
     def image_array(self, k: int) -> np.ndarray:
         """The stored file of image k as a uint8 array (one contiguous read)."""
@@ -57,14 +72,24 @@ class ShardedCocoDataset(torch.utils.data.Dataset):
         skip_crowd: leave crowd boxes out of training targets, as torchvision's detection reference
             does (the detector has no ignore regions); ``coco_gt()`` always keeps them for evaluation.
         max_open_files: shards kept open per process; least recently used ones are closed beyond it.
-            COCO train2017 is 116 shards of 1024, so with the default every shard opens once per worker;
-            a global shuffle over many more shards than this reopens files, ``shard_shuffle`` does not.
+            COCO train2017 is 116 shards of 1024 (data_prep's default), so with the default 256 every
+            shard a worker reads stays open for the whole run: one open per shard per persistent worker,
+            whichever sampler. The bound only matters for splits of more than 256 shards (e.g. packed
+            with --images-per-shard 256 or less), where it keeps a worker under a typical 1024-file
+            descriptor limit; a global shuffle over more shards than this reopens some files.
+
+    Raises:
+        DataError: at construction, a missing or malformed split directory or manifest; when reading,
+            a shard that cannot be opened or read (the message names the file and the image id).
     """
 
     def __init__(self, path: str | Path, transforms: Transform | None = None, skip_crowd: bool = True,
                  max_open_files: int = 256) -> None:
         self.root = Path(path)
         self.manifest = S.load_manifest(self.root)
+        problem = S.manifest_count_problem(self.manifest)
+        if problem:
+            raise DataError(f"{self.root / S.MANIFEST_NAME}: malformed manifest: {problem}; repack the split")
         self.transforms = transforms
         self.skip_crowd = skip_crowd
         self.max_open_files = max_open_files
@@ -117,14 +142,34 @@ class ShardedCocoDataset(torch.utils.data.Dataset):
         """Width / height of every image, in dataset order, without decoding anything."""
         return [w / h for w, h in zip(self._widths, self._heights)]
 
+    def read_error(self, index: int | None, err: BaseException, shard: int | None = None) -> DataError:
+        """The one-line error for dataset image ``index`` (or, with ``index`` None, for shard number
+        ``shard`` as a whole) that could not be read because of ``err``."""
+        k = self.locate(index)[0] if index is not None else shard
+        what = f"image id {self.image_ids[index]}" if index is not None else "its image and annotation records"
+        if isinstance(err, PermissionError):
+            reason = "permission denied"
+        elif isinstance(err, FileNotFoundError) or not os.path.exists(self.shard_files[k]):
+            reason = "the file is missing"
+        elif isinstance(err, UnidentifiedImageError):  # its text names a BytesIO object, not the image
+            reason = "UnidentifiedImageError: the stored image bytes are not an image Pillow can read"
+        else:
+            text = str(err).strip().splitlines()
+            reason = f"{type(err).__name__}: {text[0][:300] if text else '(no message)'}"
+        return DataError(f"{self.shard_files[k]}: cannot read {what} ({reason}); "
+                         f"check the split with: python -m data_prep verify {self.root}")
+
     def read_record(self, index: int) -> tuple[bytes, dict[str, Any], list[dict[str, Any]]]:
         """The original image file bytes, image entry and annotation entries (as in the source JSON)."""
         k, j = self.locate(index)
-        shard = self._shard(k)
-        a, b = shard.ann_offsets[j], shard.ann_offsets[j + 1]
-        info = json.loads(shard.file[S.IMAGE_JSON].asstr()[j])
-        anns = [json.loads(s) for s in shard.file[S.ANN_JSON].asstr()[a:b]] if b > a else []
-        return shard.image_array(j).tobytes(), info, anns
+        try:
+            shard = self._shard(k)
+            a, b = shard.ann_offsets[j], shard.ann_offsets[j + 1]
+            info = json.loads(shard.file[S.IMAGE_JSON].asstr()[j])
+            anns = [json.loads(s) for s in shard.file[S.ANN_JSON].asstr()[a:b]] if b > a else []
+            return shard.image_array(j).tobytes(), info, anns
+        except _READ_ERRORS as err:
+            raise self.read_error(index, err) from err
 
     @staticmethod
     def _decode(data: np.ndarray) -> torch.Tensor:
@@ -140,7 +185,12 @@ class ShardedCocoDataset(torch.utils.data.Dataset):
     def target(self, index: int) -> dict[str, torch.Tensor]:
         """The target of ``index`` before transforms (no image decode)."""
         k, j = self.locate(index)
-        shard = self._shard(k)
+        try:
+            return self._target(self._shard(k), index, j)
+        except _READ_ERRORS as err:
+            raise self.read_error(index, err) from err
+
+    def _target(self, shard: _OpenShard, index: int, j: int) -> dict[str, torch.Tensor]:
         a, b = shard.ann_offsets[j], shard.ann_offsets[j + 1]
         height, width = self._heights[index], self._widths[index]
         keep = np.arange(a, b)
@@ -167,9 +217,12 @@ class ShardedCocoDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(image float CxHxW in [0, 1], target), transformed if ``transforms`` was given."""
         k, j = self.locate(index)
-        shard = self._shard(k)
-        image = self._decode(shard.image_array(j))
-        target = self.target(index)
+        try:
+            shard = self._shard(k)
+            image = self._decode(shard.image_array(j))
+            target = self._target(shard, index, j)
+        except _READ_ERRORS as err:
+            raise self.read_error(index, err) from err
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -180,11 +233,14 @@ class ShardedCocoDataset(torch.utils.data.Dataset):
         Opens each shard briefly (metadata only) and closes it again.
         """
         images, annotations = [], []
-        for path in self.shard_files:
-            with S.open_shard(path) as f:
-                images += [json.loads(s) for s in f[S.IMAGE_JSON].asstr()[:]]
-                if len(f[S.ANN_JSON]):
-                    annotations += [json.loads(s) for s in f[S.ANN_JSON].asstr()[:]]
+        for k, path in enumerate(self.shard_files):
+            try:
+                with S.open_shard(path) as f:
+                    images += [json.loads(s) for s in f[S.IMAGE_JSON].asstr()[:]]
+                    if len(f[S.ANN_JSON]):
+                        annotations += [json.loads(s) for s in f[S.ANN_JSON].asstr()[:]]
+            except _READ_ERRORS as err:
+                raise self.read_error(None, err, shard=k) from err
         return {"info": self.manifest.get(S.M_INFO, {}), "licenses": self.manifest.get(S.M_LICENSES, []),
                 "images": images, "annotations": annotations, "categories": self.categories}
 

@@ -35,6 +35,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hvd_megdet.errors import DataError
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "hvd_megdet.coco_h5"
 MANIFEST_NAME = "manifest.json"
@@ -109,18 +111,64 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Read ``directory/manifest.json`` and check that this code understands it.
 
     Raises:
-        FileNotFoundError: no manifest (the split was never packed, or packing did not finish).
-        ValueError: another format or schema version.
+        DataError: one line naming the path: no such directory, no manifest (the split was never
+            packed, or packing did not finish), not JSON, another format or schema version, or
+            fields missing or inconsistent.
     """
-    path = Path(directory) / MANIFEST_NAME
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get(M_FORMAT) != FORMAT_NAME:
-        raise ValueError(f"{path}: not a {FORMAT_NAME} manifest (format={manifest.get(M_FORMAT)!r})")
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory (expected a split packed by "
+                        f"`python -m data_prep coco_to_hdf5`, holding {MANIFEST_NAME} and the shards)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {directory} is not a packed split, or packing did not finish "
+                        f"(rerun `python -m data_prep coco_to_hdf5 ... --out {directory}`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as JSON ({err}); repack the split") from err
+    if not isinstance(manifest, dict) or manifest.get(M_FORMAT) != FORMAT_NAME:
+        found = manifest.get(M_FORMAT) if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: not a {FORMAT_NAME} manifest (format={found!r})")
     if manifest.get(M_SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema version {manifest.get(M_SCHEMA_VERSION)}, this code reads "
-                         f"{SCHEMA_VERSION}; repack the split with this version of data_prep")
+        raise DataError(f"{path}: schema version {manifest.get(M_SCHEMA_VERSION)}, this code reads "
+                        f"{SCHEMA_VERSION}; repack the split with this version of data_prep")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: malformed manifest: {problem}; repack the split")
     return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str:
+    """What the reader needs but the manifest lacks ("" when nothing)."""
+    shards, categories = manifest.get(M_SHARDS), manifest.get(M_CATEGORIES)
+    if not isinstance(shards, list) or not shards:
+        return f"{M_SHARDS!r} is not a non-empty list"
+    if not isinstance(categories, list) or not categories or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and c["id"] >= 0 for c in categories):
+        return f"{M_CATEGORIES!r} is not a non-empty list of categories with integer ids"
+    for k, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shard entry {k} is not an object"
+        missing = [key for key in (S_FILE, S_NUM_IMAGES, S_IMAGE_IDS, S_WIDTHS, S_HEIGHTS) if key not in entry]
+        if missing:
+            return f"shard entry {k} lacks {missing}"
+        if not all(isinstance(entry[key], list) for key in (S_IMAGE_IDS, S_WIDTHS, S_HEIGHTS)):
+            return f"shard entry {k} ({entry[S_FILE]}): image ids, widths or heights are not lists"
+    return ""
+
+
+def manifest_count_problem(manifest: dict[str, Any]) -> str:
+    """A shard entry whose image count disagrees with its lists of ids and sizes ("" when none).
+
+    The reader needs them to agree; ``verify`` reports such a shard among the others instead.
+    """
+    for k, entry in enumerate(manifest[M_SHARDS]):
+        n = entry[S_NUM_IMAGES]
+        if not all(len(entry[key]) == n for key in (S_IMAGE_IDS, S_WIDTHS, S_HEIGHTS)):
+            return f"shard entry {k} ({entry[S_FILE]}): image ids, widths and heights do not list {n} images"
+    return ""
 
 
 def open_shard(path: str | Path) -> h5py.File:

@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from data_prep import verify
 from hvd_megdet.data import ShardedCocoDataset, build_transforms
+from hvd_megdet.data import h5_schema as S
+from hvd_megdet.errors import DataError
 from tests.data.conftest import TinyCoco
 
 
@@ -141,18 +147,107 @@ def test_lru_bound_on_open_files(packed_dir: Path):
     ds.close()
 
 
-def test_other_schema_version_is_refused(packed_dir: Path, tmp_path: Path):
-    import json
-    import shutil
+def _broken_manifest(split: Path, case: str) -> None:
+    manifest_path = split / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if case == "schema":
+        manifest["schema_version"] = 999
+    elif case == "no shards":
+        del manifest["shards"]
+    elif case == "short ids":
+        manifest["shards"][1]["image_ids"].pop()
+    if case == "not json":
+        manifest_path.write_text('{"format": "hvd_megdet.coco_h5", ')  # cut short
+    elif case == "missing":
+        manifest_path.unlink()
+    else:
+        manifest_path.write_text(json.dumps(manifest))
 
-    shutil.copytree(packed_dir, tmp_path / "x")
-    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
-    manifest["schema_version"] = 999
-    (tmp_path / "x" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="schema version 999"):
-        ShardedCocoDataset(tmp_path / "x")
-    with pytest.raises(FileNotFoundError):
-        ShardedCocoDataset(tmp_path)
+
+@pytest.mark.parametrize("case, message", [
+    ("no directory", "{split}: no such directory (expected a split packed by `python -m data_prep coco_to_hdf5`"),
+    ("missing", "{split}/manifest.json: missing; {split} is not a packed split, or packing did not finish"),
+    ("not json", "{split}/manifest.json: cannot be read as JSON (Expecting property name enclosed in double quotes"),
+    ("schema", "{split}/manifest.json: schema version 999, this code reads 1; repack the split"),
+    ("no shards", "{split}/manifest.json: malformed manifest: 'shards' is not a non-empty list; repack the split"),
+    ("short ids", "{split}/manifest.json: malformed manifest: shard entry 1 (train-00001-of-00004.h5): image ids, "
+                  "widths and heights do not list 8 images; repack the split"),
+], ids=["no directory", "no manifest", "manifest not JSON", "other schema", "no shards", "short id list"])
+def test_bad_split_directory_is_one_line_naming_the_path(packed_dir: Path, tmp_path: Path, case: str, message: str):
+    split = tmp_path / "train"
+    if case != "no directory":
+        shutil.copytree(packed_dir, split)
+        _broken_manifest(split, case)
+    with pytest.raises(DataError) as err:
+        ShardedCocoDataset(split)
+    assert str(err.value).startswith(message.format(split=split)) and "\n" not in str(err.value)
+
+
+def _damage(shard: Path, case: str) -> None:
+    if case == "truncated":  # the issue's case: a copy cut at half its size
+        shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    elif case == "missing":
+        shard.unlink()
+    elif case == "not hdf5":  # the superblock signature overwritten
+        with open(shard, "r+b") as f:
+            f.write(b"\0" * 8)
+    elif case == "image bytes":  # an image's bytes zeroed inside an intact HDF5 file
+        with h5py.File(shard, "r+") as f:
+            a, b = f[S.IMAGE_OFFSETS][2], f[S.IMAGE_OFFSETS][3]
+            f[S.IMAGE_DATA][a:b] = 0
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("truncated", "OSError: Unable to synchronously open file (truncated file: eof = "),
+    ("missing", "the file is missing"),
+    ("not hdf5", "OSError: Unable to synchronously open file (file signature not found)"),
+    ("image bytes", "UnidentifiedImageError: the stored image bytes are not an image Pillow can read"),
+], ids=["truncated", "missing", "not HDF5", "image bytes zeroed"])
+def test_damaged_shard_names_the_file_and_the_image_id(packed_dir: Path, tmp_path: Path, case: str, reason: str):
+    split = tmp_path / "train"
+    shutil.copytree(packed_dir, split)
+    ds = ShardedCocoDataset(split)
+    shard = split / "train-00001-of-00004.h5"
+    _damage(shard, case)
+    index = 8 + 2  # the third image of the second shard
+    with pytest.raises(DataError) as err:
+        ds[index]
+    line = str(err.value)
+    assert line.startswith(f"{shard}: cannot read image id {ds.image_ids[index]} ({reason}")
+    assert line.endswith(f"); check the split with: python -m data_prep verify {split}") and "\n" not in line
+    assert ds[0][0].shape[0] == 3 and ds[29][0].shape[0] == 3  # the other shards still read
+    if case != "image bytes":  # the records and the evaluation ground truth name the file too
+        with pytest.raises(DataError, match=f"{shard}: cannot read image id {ds.image_ids[index + 1]}"):
+            ds.read_record(index + 1)
+        with pytest.raises(DataError, match=f"{shard}: cannot read its image and annotation records"):
+            ds.coco_gt()
+    assert verify.main([str(split)]) == 1  # the command the message points at finds the same shard
+
+
+def test_unreadable_shard_names_the_file(packed_dir: Path, tmp_path: Path):
+    """Permission denied: as root, read as an unprivileged user in a forked child (root reads anything)."""
+    split = tmp_path / "train"
+    shutil.copytree(packed_dir, split)
+    shard = split / "train-00002-of-00004.h5"
+    shard.chmod(0)
+    ds = ShardedCocoDataset(split)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.geteuid() == 0:
+                os.setuid(65534)  # nobody
+            ds[16]
+            os.write(w, b"read it")
+        except BaseException as err:  # noqa: BLE001 - reported to the parent, which asserts on it
+            os.write(w, f"{type(err).__name__}: {err}".encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        line = f.read()
+    assert line.startswith(f"DataError: {shard}: cannot read image id {ds.image_ids[16]} (permission denied); ")
 
 
 def test_png_and_bmp_decode_exactly(tiny_coco: TinyCoco, ds: ShardedCocoDataset):
