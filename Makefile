@@ -21,5 +21,19 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_train.py
 
+# 8, 16 and 32 ranks as simulated hosts of 8 on this machine: CGBN groups, gradients, sampler coverage,
+# a 32-rank checkpoint resumed at 32; start-up, step time and memory per rank. ~25 min on 2 cores,
+# ~15 GB of memory at 32 ranks: not part of `make test`.
+.PHONY: rehearse
+rehearse: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/rehearse_scale.py
+
+# The files an offline GPU node lacks (Horovod sdist, Open MPI, pycocotools and cffi wheels for its
+# Python 3.12), downloaded here into .gpu_carry/ (~11 MB): carry or copy it there, then run
+# `bash scripts/gpu_env.sh` on the node (README: offline GPU nodes).
+.PHONY: gpu-carry
+gpu-carry:
+	bash scripts/gpu_env.sh carry
+
 clean-venv:
 	rm -rf $(VENV)

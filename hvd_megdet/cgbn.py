@@ -8,11 +8,20 @@ then the variance about the reduced mean). Here each rank reduces its own (count
 and the group merges them in a single fused float64 allreduce of (n, n*mean, M2 + n*mean^2): the
 merge is exact in float64 while the per-rank moments are centred, so inputs with a large mean keep
 their variance (a plain fp32 E[x^2] - E[x]^2 loses it to cancellation). The backward reduces
-(sum dy, sum dy*(x - mean)) in one more allreduce.
+(sum dy, sum dy*(x - mean)) in one more allreduce. Both are Horovod allreduces on the process set
+(``comm.allreduce_sum_``); each costs about one Horovod cycle (``comm.HOROVOD_DEFAULTS``).
 
 Gradient convention: the input gradient is that of BN applied to the concatenation of the group's
 inputs with the loss summed over the group. Weight and bias gradients are each rank's own
 contribution; DistributedOptimizer's average over ranks then gives the gradient of the mean loss.
+
+Precision: counts, means and sums of squares are fp32 (float64 for float64 input) whatever autocast
+is active, forward and backward; the output and the input gradient have the input's dtype. Autocast
+would otherwise run ``linalg.vecdot`` in fp16, whose sum of squares passes 65504 on any stride-4 map
+of a COCO-sized image (about 67k pixels per channel).
+
+Host reads: none. The group count stays a tensor on the input's device, so a CUDA forward queues
+its kernels without waiting for them; only the collective itself synchronises.
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ _unnamed = itertools.count()
 class _StatsTape:
     """Statistics of every CGBN call in one checkpointed region, in call order."""
 
-    saved: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # mean, var, count
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # mean, var, count
     position: int = 0
 
 
@@ -74,6 +83,11 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _full_precision(t: torch.Tensor):
+    """Autocast off for ``t``'s device: autocast lowers ``linalg.vecdot`` to fp16/bf16 on CPU and CUDA."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _affine(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias per channel, in one pass of the native kernel.
@@ -89,15 +103,15 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a.flatten(2), b.flatten(2), dim=2).sum(0)
 
 
-def _local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+def _local_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(count, mean, M2) per channel of an N x C x H x W tensor, in fp32 (float64 for float64
-    input), centred (two passes).
+    input), centred (two passes). Call with autocast off (``_full_precision``).
 
     The two-pass form (mean first, then squares about it) is the paper's Algorithm 1 applied locally;
     it keeps the variance of inputs whose mean is large compared with their spread.
     """
     channels = x.shape[1]
-    count = x.numel() // channels if channels else 0
+    count = x.numel() // channels if channels else 0  # from the shape: no host read
     if count == 0:  # a rank without images still joins the collective, with zero weight
         zeros = _compute(x.new_zeros(channels))
         return 0, zeros, zeros
@@ -108,64 +122,69 @@ def _local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()  # the statistics' gradient is part of _CrossGPUBatchNormFn.backward
-def _group_moments(x: torch.Tensor, process_set: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Group mean and biased variance (in the compute dtype) and total count, in one float64 allreduce."""
-    count, mean, m2 = _local_moments(x)
-    c = x.shape[1]
-    packed = torch.empty(2 * c + 1, dtype=torch.float64, device=x.device)
-    mean64 = mean.double()
-    packed[0] = count
-    packed[1:c + 1] = mean64 * count
-    packed[c + 1:] = m2.double() + count * mean64 * mean64
-    # dist(bn set): the forward's single collective.
-    comm.allreduce_sum_(packed, process_set, name=f"{name}.fwd")
-    total = packed[0].item()
-    if total == 0:
-        nan = torch.full((c,), float("nan"), device=x.device, dtype=mean.dtype)
-        return nan, nan, 0.0
-    group_mean = packed[1:c + 1] / total
-    group_var = (packed[c + 1:] / total - group_mean * group_mean).clamp_(min=0.0)
-    return group_mean.to(mean.dtype), group_var.to(mean.dtype), total
+def _group_moments(x: torch.Tensor, process_set: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group mean and biased variance (in the compute dtype) and total count (a float64 0-dim
+    tensor on x's device), in one float64 allreduce.
+
+    A group without any pixel gives mean 0, variance 0 and count 0 (the denominators are clamped
+    rather than tested on the host); its inputs are empty, so the output is the (empty) input.
+    """
+    with _full_precision(x):
+        count, mean, m2 = _local_moments(x)
+        c = x.shape[1]
+        packed = torch.empty(2 * c + 1, dtype=torch.float64, device=x.device)
+        mean64 = mean.double()
+        packed[0] = count
+        packed[1:c + 1] = mean64 * count
+        packed[c + 1:] = m2.double() + count * mean64 * mean64
+        # dist(bn set): the forward's single collective.
+        comm.allreduce_sum_(packed, process_set, name=f"{name}.fwd")
+        total = packed[0]
+        group_mean = packed[1:c + 1] / total.clamp(min=1.0)
+        group_var = (packed[c + 1:] / total.clamp(min=1.0) - group_mean * group_mean).clamp_(min=0.0)
+        return group_mean.to(mean.dtype), group_var.to(mean.dtype), total
 
 
 class _CrossGPUBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, total, eps, process_set, name):
-        xf = _compute(x)
-        w = None if weight is None else weight.to(xf.dtype)
-        b = None if bias is None else bias.to(xf.dtype)
-        y = _affine(xf, mean, var, w, b, eps)
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.total, ctx.eps, ctx.process_set, ctx.name = total, eps, process_set, name
+        with _full_precision(x):
+            xf = _compute(x)
+            w = None if weight is None else weight.to(xf.dtype)
+            b = None if bias is None else bias.to(xf.dtype)
+            y = _affine(xf, mean, var, w, b, eps)
+        ctx.save_for_backward(x, weight, mean, var, total)
+        ctx.eps, ctx.process_set, ctx.name = eps, process_set, name
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, total = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy = _compute(grad_out)
-        xf = _compute(x)
-        invstd = torch.rsqrt(var + ctx.eps)
-        xhat = _affine(xf, mean, var, None, None, ctx.eps)
-        sum_dy = dy.sum(dim=(0, 2, 3))
-        sum_dy_xhat = _rowwise_dot(dy, xhat)
-        del xhat
-        grad_x = grad_w = grad_b = None
-        if need_w:
-            grad_w = sum_dy_xhat.to(weight.dtype)  # local contribution
-        if need_b:
-            grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
-        if need_x:
-            c = x.shape[1]
-            packed = torch.cat([sum_dy, sum_dy_xhat]).double()
-            # dist(bn set): the backward's single collective (same on every rank of the set).
-            comm.allreduce_sum_(packed, ctx.process_set, name=f"{ctx.name}.bwd")
-            mean_dy = (packed[:c] / ctx.total).to(dy.dtype)
-            mean_dy_xhat = (packed[c:] / ctx.total).to(dy.dtype)
-            scale = invstd if weight is None else weight.to(dy.dtype) * invstd
-            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), the last two terms as one affine of x.
-            correction = _affine(xf, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
-            grad_x = torch.addcmul(correction, dy, scale.view(1, -1, 1, 1)).to(x.dtype)
+        with _full_precision(x):
+            dy = _compute(grad_out)
+            xf = _compute(x)
+            invstd = torch.rsqrt(var + ctx.eps)
+            xhat = _affine(xf, mean, var, None, None, ctx.eps)
+            sum_dy = dy.sum(dim=(0, 2, 3))
+            sum_dy_xhat = _rowwise_dot(dy, xhat)
+            del xhat
+            grad_x = grad_w = grad_b = None
+            if need_w:
+                grad_w = sum_dy_xhat.to(weight.dtype)  # local contribution
+            if need_b:
+                grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
+            if need_x:
+                c = x.shape[1]
+                packed = torch.cat([sum_dy, sum_dy_xhat]).double()
+                # dist(bn set): the backward's single collective (same on every rank of the set).
+                comm.allreduce_sum_(packed, ctx.process_set, name=f"{ctx.name}.bwd")
+                packed /= total.clamp(min=1.0)
+                mean_dy, mean_dy_xhat = packed[:c].to(dy.dtype), packed[c:].to(dy.dtype)
+                scale = invstd if weight is None else weight.to(dy.dtype) * invstd
+                # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), the last two terms as one affine of x.
+                correction = _affine(xf, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
+                grad_x = torch.addcmul(correction, dy, scale.view(1, -1, 1, 1)).to(x.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -178,6 +197,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     Args:
         num_features, eps, momentum, affine: as for ``nn.BatchNorm2d``.
         process_set: a Horovod ProcessSet registered at ``hvd.init`` (see ``comm.init``), or None.
+            The ranks of a set must call their CGBN layers in the same order (the same model).
         name: collective name prefix, identical on every rank; ``convert_norm`` uses the module path.
     """
 
@@ -200,22 +220,23 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             tape[1].position += 1
         else:
             mean, var, total = _group_moments(x, self.process_set, self.collective_name)
-            if total > 0:
-                self._update_running_stats(mean, var, total)
+            self._update_running_stats(mean, var, total)
             if tape is not None:
                 tape[1].saved.append((mean, var, total))
-        if total == 0:
-            return x.clone()  # the whole group is empty: nothing to normalise
         return _CrossGPUBatchNormFn.apply(x, self.weight, self.bias, mean, var, total, self.eps,
                                           self.process_set, self.collective_name)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, total: float) -> None:
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            momentum = 1.0 / float(self.num_batches_tracked)
-        unbiased = var * (total / max(total - 1.0, 1.0))
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
+        """As ``nn.BatchNorm2d``, with tensor arithmetic only; a group without pixels changes nothing."""
+        seen = total > 0
+        self.num_batches_tracked.add_(seen.to(self.num_batches_tracked.dtype))
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
+        else:
+            momentum = torch.full_like(total, self.momentum, dtype=self.running_mean.dtype)
+        momentum = torch.where(seen, momentum, 0.0)  # lerp by 0 leaves the buffers exactly as they were
+        unbiased = var * (total / (total - 1.0).clamp(min=1.0))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
@@ -232,8 +253,10 @@ def convert_norm(module: nn.Module, mode: str, process_set: Any = None, _prefix:
 
     Weight, bias and running statistics are carried over, so a Table 3 row is one argument:
     "frozen" (torchvision FrozenBatchNorm2d: fixed ImageNet statistics, the 16-base row),
-    "local" (nn.BatchNorm2d on each rank's own images), "cgbn" (CrossGPUBatchNorm2d over
-    ``process_set``).
+    "local" (CrossGPUBatchNorm2d without a process set: each rank's own images), "cgbn"
+    (CrossGPUBatchNorm2d over ``process_set``). "local" is the CGBN layer rather than
+    nn.BatchNorm2d so that both modes share the fp32 statistics under autocast and the
+    checkpoint-safe running statistics (nn.BatchNorm2d would update them again on recomputation).
 
     Returns:
         The converted module (``module`` itself, changed in place, unless it is a norm layer).
@@ -255,11 +278,9 @@ def _convert_layer(old: nn.Module, mode: str, process_set: Any, path: str) -> nn
     eps = float(old.eps)
     if mode == "frozen":
         new = FrozenBatchNorm2d(c, eps=eps)
-    elif mode == "local":
-        new = nn.BatchNorm2d(c, eps=eps, momentum=getattr(old, "momentum", 0.1))
     else:
         new = CrossGPUBatchNorm2d(c, eps=eps, momentum=getattr(old, "momentum", 0.1),
-                                  process_set=process_set, name=f"cgbn.{path}")
+                                  process_set=process_set if mode == "cgbn" else None, name=f"cgbn.{path}")
     with torch.no_grad():
         new.running_mean.copy_(old.running_mean)
         new.running_var.copy_(old.running_var)

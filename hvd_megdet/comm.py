@@ -29,12 +29,24 @@ RANKS_PER_HOST_ENV = "HVD_MEGDET_RANKS_PER_HOST"
 # Horovod settings this package ships, applied by :func:`init` before ``hvd.init`` to every key the
 # user has not set in the environment. Each entry says why and what it measured (README: Tuning).
 HOROVOD_DEFAULTS: dict[str, str] = {
+    # ms between the background thread's cycles (Horovod: 1). Each CGBN collective is synchronous and
+    # waits for a cycle: 2 ranks measured ~0.33 ms per collective at 0.1 against ~1.08 ms at 1, i.e.
+    # ~35 instead of ~115 ms per ResNet-50 step (benchmarks/bench_collectives.py). Below 0.1 it no
+    # longer falls (~0.3 ms floor), and 0 makes the thread spin, which costs tens of ms on busy cores.
+    "HOROVOD_CYCLE_TIME": "0.1",
 }
+# Applied only where a GPU computes: there the host cores are idle and the cycle's latency is what
+# CGBN pays. On CPU ranks that fill every core the thread's tenfold wake-ups take CPU from training
+# instead: bench_cgbn on 2 CPU ranks measured every mode slower at 0.1 than at 1 (CGBN/local 1.10-1.15x
+# against 1.07x), so CPU runs keep Horovod's own settings.
 
 
-def apply_horovod_defaults(environ: dict | None = None) -> dict[str, str]:
-    """Set each :data:`HOROVOD_DEFAULTS` key the user left unset; returns the keys it set."""
+def apply_horovod_defaults(environ: dict | None = None, gpu: bool | None = None) -> dict[str, str]:
+    """Set each :data:`HOROVOD_DEFAULTS` key the user left unset, on a GPU machine only (``gpu``:
+    default ``torch.cuda.is_available()``); returns the keys it set."""
     environ = os.environ if environ is None else environ
+    if not (torch.cuda.is_available() if gpu is None else gpu):
+        return {}
     applied = {k: v for k, v in HOROVOD_DEFAULTS.items() if k not in environ}
     environ.update(applied)
     return applied

@@ -5,8 +5,17 @@
 # --- Software -------------------------------------------------------------------------------------
 # module load cuda/12.4 nccl openmpi/4.1            # whatever your site calls them
 # source "$HOME/miniforge3/etc/profile.d/conda.sh" && conda activate megdet
-# source "$MEGDET_ROOT/.venv/bin/activate"         # or the repository's venv
 # export PYTHON=python HOROVODRUN=horovodrun MPIRUN=mpirun
+#
+# The repository's venv (`make setup`) unless the submitting shell had an environment active (sbatch
+# and `qsub -V` export it) or MEGDET_VENV names another one (empty: activate none). The job checks
+# before launching that the launcher and a Python importing hvd_megdet and horovod are on PATH.
+_megdet_venv=${MEGDET_VENV-$MEGDET_ROOT/.venv}
+if [[ -z ${VIRTUAL_ENV:-}${CONDA_PREFIX:-} && -n $_megdet_venv && -f $_megdet_venv/bin/activate ]]; then
+    # shellcheck disable=SC1091
+    source "$_megdet_venv/bin/activate"
+fi
+unset _megdet_venv
 
 # --- NCCL (GPU all-reduce) ------------------------------------------------------------------------
 # export NCCL_DEBUG=INFO                 # first run on a new cluster: prints rings, transports, NICs

@@ -7,9 +7,11 @@
 # Environment:
 #   PYTHON=python3            interpreter for the venv (3.11 tested)
 #   VENV=.venv                where the venv lives
-#   HVD_MEGDET_CACHE=~/.cache/hvd_megdet   built Horovod wheels, keyed on horovod + torch + patch + GPU mode
+#   HVD_MEGDET_CACHE=~/.cache/hvd_megdet   built Horovod wheels, keyed on horovod + torch + patch + GPU mode + arch list
 #   HVD_MEGDET_GPU=auto|nccl|none   auto: NCCL when `nvidia-smi` sees a GPU; nccl on GPU clusters
 #   HOROVOD_NCCL_HOME         NCCL to build against (default: the pip nvidia-nccl package torch brings)
+#   HOROVOD_BUILD_CUDA_CC_LIST GPU architectures for Horovod's CUDA kernels, e.g. 80,90 (default: the GPUs
+#                             nvidia-smi sees, else every arch >= 70 that nvcc supports: scripts/cuda_arch.sh)
 #   CUDA_HOME                 CUDA toolkit root (default: found from nvcc, see find_cuda_home)
 set -euo pipefail
 
@@ -63,27 +65,8 @@ TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")')
 case "$TORCH_VERSION" in *+cpu*) die "torch $TORCH_VERSION is a CPU-only build: torchvision's ops will not load. Remove $VENV and rerun.";; esac
 
 # --- 3. Horovod ----------------------------------------------------------------------------------
-find_cuda_home() {
-    # The toolkit root is the directory whose include/ holds cuda_runtime.h. nvcc on PATH may be a
-    # wrapper script outside the toolkit (this CI image), so follow links and read the wrapper.
-    local c nvcc
-    for c in "${CUDA_HOME:-}" "${CUDA_PATH:-}"; do
-        [ -n "$c" ] && [ -f "$c/include/cuda_runtime.h" ] && { echo "$c"; return; }
-    done
-    nvcc=$(command -v nvcc || true)
-    if [ -n "$nvcc" ]; then
-        c=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
-        [ -f "$c/include/cuda_runtime.h" ] && { echo "$c"; return; }
-        for c in $(grep -ao '/[^ "]*/bin/nvcc' "$nvcc" 2>/dev/null); do
-            c=$(dirname "$(dirname "$(readlink -f "$c")")")
-            [ -f "$c/include/cuda_runtime.h" ] && { echo "$c"; return; }
-        done
-    fi
-    for c in /usr/local/cuda /usr/local/cuda-*; do
-        [ -f "$c/include/cuda_runtime.h" ] && { echo "$c"; return; }
-    done
-}
-
+# find_cuda_home and cuda_arch_list (shared with scripts/gpu_env.sh)
+source "$ROOT/scripts/cuda_arch.sh"
 if [ "$GPU_MODE" = auto ]; then
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then GPU_MODE=nccl; else GPU_MODE=none; fi
     log "HVD_MEGDET_GPU=auto -> $GPU_MODE ($( [ $GPU_MODE = nccl ] && echo 'nvidia-smi sees a GPU' || echo 'no GPU visible'))"
@@ -91,18 +74,18 @@ fi
 case "$GPU_MODE" in nccl|none) ;; *) die "HVD_MEGDET_GPU must be auto, nccl or none, got '$GPU_MODE'";; esac
 
 build_env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
-           HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j"$(nproc)")
+           HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j"$(getconf _NPROCESSORS_ONLN)")
 CUDA_ROOT=""
+CC_LIST=none  # no CUDA kernels in Horovod
 if [ -n "$TORCH_CUDA" ] && command -v nvcc >/dev/null; then
     # A CUDA-enabled torch makes Horovod's CMake take its CUDA path; it needs the real toolkit root
     # and an architecture that this nvcc supports, even on a machine without a GPU.
     CUDA_ROOT=$(find_cuda_home)
     [ -n "$CUDA_ROOT" ] || die "torch is built with CUDA $TORCH_CUDA and nvcc is on PATH, but no CUDA toolkit root
        (a directory with include/cuda_runtime.h) was found: set CUDA_HOME"
-    CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-90}
-    for cc in ${CC_LIST//,/ }; do
-        nvcc --list-gpu-arch 2>/dev/null | grep -qx "compute_$cc" || die "nvcc does not support compute_$cc: set HOROVOD_BUILD_CUDA_CC_LIST"
-    done
+    # Built for the GPUs that will run it: the user's list, this node's GPUs, or (a login node) every
+    # generation from Volta up, never one fixed generation.
+    CC_LIST=$(cuda_arch_list) || die "no CUDA architecture list to build Horovod for (reason above)"
     log "CUDA: torch $TORCH_VERSION has CUDA $TORCH_CUDA; nvcc=$(command -v nvcc) -> toolkit root $CUDA_ROOT; arch list $CC_LIST"
     build_env+=(HOROVOD_CUDA_HOME="$CUDA_ROOT" CUDA_HOME="$CUDA_ROOT" HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST")
 elif [ -n "$TORCH_CUDA" ]; then
@@ -118,7 +101,8 @@ fi
 
 PATCH_HASH=$(sha256sum "$PATCH" | cut -c1-12)
 PY_TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-patch-$PATCH_HASH-gpu-$GPU_MODE-$PY_TAG"
+# The arch list is part of the key: a wheel built for an A100 node has no kernels for an H100 node.
+KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-patch-$PATCH_HASH-gpu-$GPU_MODE-cc-${CC_LIST//,/_}-$PY_TAG"
 STAMP="$VENV/.horovod-key"
 WHEEL_DIR="$CACHE/wheels/$KEY"
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$KEY" ] && "$PY" -c 'import horovod.torch' 2>/dev/null; then

@@ -102,3 +102,66 @@ def _failing_worker():
 def test_harness_reports_the_failing_rank_instead_of_hanging():
     with pytest.raises(RankFailure, match=r"(?s)rank 1 raised:.*ValueError: rank one is broken"):
         run_ranks("tests.test_comm:_failing_worker", np=2, timeout=60)
+
+
+# ------------------------------------------------------------------ shipped settings (README: Tuning)
+# What benchmarks/bench_collectives.py and bench_cgbn.py chose (README: Tuning): a change here is a
+# change of measured behaviour, so it has to be made on purpose.
+SHIPPED = {"HOROVOD_CYCLE_TIME": "0.1"}
+
+
+def test_shipped_horovod_defaults_are_the_measured_ones():
+    assert comm.HOROVOD_DEFAULTS == SHIPPED
+    # Horovod parses the cycle time with strtof (operations.cc): a plain decimal number of ms.
+    assert 0 < float(comm.HOROVOD_DEFAULTS["HOROVOD_CYCLE_TIME"]) < 1  # below Horovod's own 1 ms
+
+
+@pytest.mark.parametrize("user_key", sorted(SHIPPED))
+def test_apply_horovod_defaults_fills_only_what_the_user_left_unset(user_key):
+    environ = {user_key: "7", "UNRELATED": "x"}
+    applied = comm.apply_horovod_defaults(environ, gpu=True)
+    assert applied == {k: v for k, v in comm.HOROVOD_DEFAULTS.items() if k != user_key}
+    assert environ == {**comm.HOROVOD_DEFAULTS, user_key: "7", "UNRELATED": "x"}  # the user's value wins
+    assert comm.apply_horovod_defaults(environ, gpu=True) == {}  # nothing left to fill
+    empty: dict = {}
+    assert comm.apply_horovod_defaults(empty, gpu=True) == comm.HOROVOD_DEFAULTS == empty
+
+
+def test_cpu_ranks_keep_horovods_own_settings():
+    environ: dict = {}
+    assert comm.apply_horovod_defaults(environ, gpu=False) == {} and environ == {}
+
+
+def _shipped_settings_worker(user: dict):
+    import os
+
+    for key in comm.HOROVOD_DEFAULTS:  # the harness' environment aside: a user who set only `user`
+        os.environ.pop(key, None)
+    os.environ.update(user)
+    seen = {}
+    real_init = comm.hvd.init
+
+    def recording_init(*args, **kwargs):
+        # Horovod's background thread reads its settings from the environment during hvd.init.
+        seen.update({k: os.environ.get(k) for k in comm.HOROVOD_DEFAULTS})
+        return real_init(*args, **kwargs)
+
+    comm.hvd.init = recording_init
+    try:
+        ctx = comm.init()
+    finally:
+        comm.hvd.init = real_init
+    # The job still works at these settings: a CGBN-sized allreduce over the BN set.
+    total = comm.allreduce_sum_(torch.ones(129, dtype=torch.float64), ctx.bn_process_set, name="shipped")
+    return seen, total.tolist()
+
+
+@pytest.mark.parametrize("user_sets_cycle", [False, True], ids=["defaults", "user_value"])
+def test_shipped_settings_are_in_place_when_horovod_starts_on_2_ranks(user_sets_cycle):
+    user = {"HOROVOD_CYCLE_TIME": "5"} if user_sets_cycle else {}
+    for seen, total in run_ranks("tests.test_comm:_shipped_settings_worker", np=2, args=(user,)):
+        # This machine has no GPU: Horovod's own settings, or the user's (comm.apply_horovod_defaults).
+        expected = {**comm.HOROVOD_DEFAULTS, **user} if torch.cuda.is_available() else {
+            **{k: None for k in comm.HOROVOD_DEFAULTS}, **user}
+        assert seen == expected
+        assert total == [2.0] * 129

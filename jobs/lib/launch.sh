@@ -3,10 +3,13 @@
 #
 # Sourced, not executed. The caller sets MEGDET_ROOT (the repository root) and calls
 #     megdet_main slurm|pbs|local [key=value ...]
-# which reads the scheduler's host list, renders one launcher command line (horovodrun, mpirun or
-# srun) around `python -m hvd_megdet.train`, and runs it; with MEGDET_DRY_RUN=1 it prints the
-# command lines instead (that is what tests/jobs checks). Every variable it reads is documented in
-# jobs/README.md and at the top of each template. Nothing runs when this file is sourced.
+# which reads the scheduler's host list, checks the allocation, the software and the output
+# directory, renders one launcher command line (horovodrun, mpirun or srun) around
+# `python -m hvd_megdet.train`, and runs it, passing a stop request (requeue, time limit, preemption,
+# scancel) on to the training ranks; with MEGDET_DRY_RUN=1 it prints the command lines instead. Every
+# variable it reads is documented in jobs/README.md and at the top of each template. Nothing runs
+# when this file is sourced. Written for bash >= 4.2 (RHEL/CentOS 7): an array that may be empty is
+# expanded as ${a[@]+"${a[@]}"}, since `set -u` rejects a bare "${a[@]}" of an empty array before 4.4.
 
 megdet_log() { printf '[megdet] %s\n' "$*" >&2; }
 megdet_die() { megdet_log "error: $*"; exit 1; }
@@ -20,6 +23,9 @@ megdet_quote() {
     done
     printf '%s\n' "$out"
 }
+
+# MEGDET_DRY_RUN=1: print the command lines, run nothing.
+megdet_dry_run() { [[ ${MEGDET_DRY_RUN:-0} == 1 ]]; }
 
 # ---------------------------------------------------------------------------------------------------
 # Host lists. Each fills MEGDET_HOSTS (unique hosts, scheduler order) and MEGDET_SLOTS (ranks each).
@@ -50,7 +56,10 @@ megdet_collect_hosts() {
     case $scheduler in
         slurm)
             # Ranks per node = GPUs per node; explicit GPUS_PER_NODE wins over what Slurm reports.
-            local per_node=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-8}}}
+            # No GPUs (the CPU form, --gpus-per-node=0): one rank per task.
+            local gpus=${SLURM_GPUS_ON_NODE:-}
+            [[ ${gpus%%(*} == 0 ]] && gpus=""
+            local per_node=${GPUS_PER_NODE:-${gpus:-${SLURM_NTASKS_PER_NODE:-8}}}
             per_node=${per_node%%(*}  # SLURM_NTASKS_PER_NODE may read "8(x4)"
             local names
             names=$(megdet_slurm_hostnames) || megdet_die "could not expand the Slurm node list"
@@ -78,6 +87,39 @@ megdet_collect_hosts() {
         np=$((np + MEGDET_SLOTS[i]))
     done
     MEGDET_HOST_SPEC=$spec MEGDET_NP=$np MEGDET_NNODES=${#MEGDET_HOSTS[@]}
+}
+
+# Slurm's per-node counts ("2(x3),1") as one number per node.
+megdet_expand_counts() {
+    local item k
+    local -a items counts=()
+    IFS=, read -r -a items <<<"$1"
+    for item in ${items[@]+"${items[@]}"}; do
+        if [[ $item =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+            for ((k = 0; k < BASH_REMATCH[2]; k++)); do counts+=("${BASH_REMATCH[1]}"); done
+        else
+            counts+=("$item")
+        fi
+    done
+    if ((${#counts[@]} > 0)); then printf '%s\n' "${counts[@]}"; fi
+}
+
+# One rank per GPU, and as many ranks on each node as Slurm granted tasks there (srun launches
+# exactly those; horovodrun/mpirun would silently over- or under-fill the nodes instead).
+megdet_check_slurm_grant() {
+    local per_node=${MEGDET_SLOTS[0]} gpus=${SLURM_GPUS_ON_NODE:-}
+    gpus=${gpus%%(*}
+    if [[ $gpus =~ ^[1-9][0-9]*$ && $gpus != "$per_node" ]]; then
+        megdet_die "$per_node ranks per node but Slurm granted $gpus GPUs per node: one rank per GPU, submit with --ntasks-per-node=$gpus (or set GPUS_PER_NODE=$gpus)"
+    fi
+    [[ -n ${SLURM_TASKS_PER_NODE:-} ]] || return 0
+    local -a granted
+    mapfile -t granted < <(megdet_expand_counts "$SLURM_TASKS_PER_NODE")
+    local i
+    for i in "${!MEGDET_HOSTS[@]}"; do
+        [[ ${granted[i]:-} == "${MEGDET_SLOTS[i]}" ]] ||
+            megdet_die "$per_node ranks per node but Slurm granted ${granted[i]:-no} tasks on ${MEGDET_HOSTS[i]} (SLURM_TASKS_PER_NODE=$SLURM_TASKS_PER_NODE): submit with --ntasks-per-node=$per_node"
+    done
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,8 +151,9 @@ megdet_resolve_config() {
         local list=${CONFIG_LIST:-$MEGDET_ROOT/jobs/table3_configs.txt} names
         [[ -r $list ]] || megdet_die "config list '$list' is not readable"
         mapfile -t names < <(megdet_config_names "$list")
-        [[ $index =~ ^[0-9]+$ ]] && ((10#$index < ${#names[@]})) ||
+        if ! [[ $index =~ ^[0-9]+$ ]] || ((10#$index >= ${#names[@]})); then
             megdet_die "array index '$index' is outside the ${#names[@]} configs of $list"
+        fi
         CONFIG=${CONFIG_DIR:-configs}/${names[10#$index]}
         MEGDET_ARRAY_MODE=1
         megdet_log "array task $index -> $CONFIG (from $list)"
@@ -125,7 +168,8 @@ megdet_check_table3_gpus() {
     local expected
     expected=$(megdet_table3_gpus "$(basename "$CONFIG")")
     [[ -z $expected || $expected == "$MEGDET_NP" ]] && return 0
-    local msg="$(basename "$CONFIG") is a Table 3 row run on $expected GPUs, but this job has $MEGDET_NP ranks"
+    local msg
+    msg="$(basename "$CONFIG") is a Table 3 row run on $expected GPUs, but this job has $MEGDET_NP ranks"
     if [[ $MEGDET_ARRAY_MODE == 1 && ${TABLE3_STRICT:-1} == 1 ]]; then
         megdet_die "$msg: submit it with $((expected / MEGDET_SLOTS[0])) nodes (jobs/submit_table3.sh does), or set TABLE3_STRICT=0"
     fi
@@ -144,9 +188,11 @@ megdet_setup_env() {
     export OMP_NUM_THREADS=${THREADS_PER_RANK:-$((threads > 0 ? threads : 1))}
     # Lustre/GPFS and NFS often lack the POSIX locks HDF5 takes even for read-only opens.
     export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}
-    # On SIGTERM (preemption, requeue) the ranks finish their iteration and write a checkpoint;
-    # Open MPI's mpirun would SIGKILL them 1 s after forwarding the TERM, so give them a minute.
-    export OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-60}
+    # Open MPI's mpirun refuses to start as root (containers, CI) unless told; horovodrun passes
+    # --allow-run-as-root itself.
+    if [[ $(id -u) == 0 ]]; then
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    fi
     # `python -m hvd_megdet.train` works from a checkout without `pip install`.
     export PYTHONPATH=$MEGDET_ROOT${PYTHONPATH:+:$PYTHONPATH}
 }
@@ -176,7 +222,7 @@ megdet_train_command() {
     [[ -n ${BN_GROUP_SIZE:-} ]] && sets+=("model.bn_group_size=$BN_GROUP_SIZE")
     local extra=()
     read -r -a extra <<<"${EXTRA_SETS:-}"
-    sets+=("${extra[@]}" "$@")
+    sets+=(${extra[@]+"${extra[@]}"} "$@")
     local kv
     for kv in "${sets[@]}"; do [[ $kv == *=* ]] || megdet_die "override '$kv' is not key=value"; done
     MEGDET_TRAIN=("${PYTHON:-python}" -m hvd_megdet.train --config "$CONFIG" --set "${sets[@]}")
@@ -197,16 +243,17 @@ megdet_launch_command() {
     case $launcher in
         horovodrun)
             read -r -a extra <<<"${HOROVOD_ARGS:-}"
-            MEGDET_CMD=("${HOROVODRUN:-horovodrun}" -np "$MEGDET_NP" -H "$MEGDET_HOST_SPEC" "${extra[@]}")
+            MEGDET_CMD=("${HOROVODRUN:-horovodrun}" -np "$MEGDET_NP" -H "$MEGDET_HOST_SPEC" ${extra[@]+"${extra[@]}"})
             ;;
         mpirun)
             # Horovod's recommended Open MPI flags: no core binding (each rank runs many threads),
             # ranks filled host by host, the TCP/shared-memory transport unless MPIRUN_ARGS says otherwise
             # (set but empty: no transport flags).
             read -r -a extra <<<"${MPIRUN_ARGS--mca pml ob1 -mca btl ^openib}"
-            local exports
+            local exports=()
             mapfile -t exports < <(megdet_mpirun_exports)
-            MEGDET_CMD=("${MPIRUN:-mpirun}" -np "$MEGDET_NP" -H "$MEGDET_HOST_SPEC" -bind-to none -map-by slot "${extra[@]}" "${exports[@]}")
+            MEGDET_CMD=("${MPIRUN:-mpirun}" -np "$MEGDET_NP" -H "$MEGDET_HOST_SPEC" -bind-to none -map-by slot
+                ${extra[@]+"${extra[@]}"} ${exports[@]+"${exports[@]}"})
             ;;
         srun)
             [[ $scheduler == slurm ]] || megdet_die "LAUNCHER=srun needs a Slurm job (this is $scheduler)"
@@ -216,7 +263,7 @@ megdet_launch_command() {
             done
             read -r -a extra <<<"${SRUN_ARGS:-}"
             MEGDET_CMD=("${SRUN:-srun}" "--mpi=${SRUN_MPI:-pmix}" "--nodes=$MEGDET_NNODES" "--ntasks=$MEGDET_NP"
-                "--ntasks-per-node=${MEGDET_SLOTS[0]}" --cpu-bind=none --kill-on-bad-exit=1 "${extra[@]}")
+                "--ntasks-per-node=${MEGDET_SLOTS[0]}" --cpu-bind=none --kill-on-bad-exit=1 ${extra[@]+"${extra[@]}"})
             ;;
         *) megdet_die "LAUNCHER must be horovodrun, mpirun or srun (got '$launcher')" ;;
     esac
@@ -224,13 +271,131 @@ megdet_launch_command() {
 }
 
 # ---------------------------------------------------------------------------------------------------
-# Running: print (dry run) or execute with signal handling
+# Checks before launching: each failure is one line saying what to change
 # ---------------------------------------------------------------------------------------------------
-megdet_dry_run() { [[ ${MEGDET_DRY_RUN:-0} == 1 ]]; }
+# The output directory train.py will use: OUTPUT_DIR unless an override sets train.output_dir (the
+# last one wins, as in train.py).
+megdet_effective_output_dir() {
+    local extra=() kv
+    read -r -a extra <<<"${EXTRA_SETS:-}"
+    MEGDET_OUTPUT_DIR=$OUTPUT_DIR
+    for kv in ${extra[@]+"${extra[@]}"} "$@"; do
+        if [[ $kv == train.output_dir=* ]]; then MEGDET_OUTPUT_DIR=${kv#*=}; fi
+    done
+}
 
-_megdet_forward() {
-    [[ -n ${MEGDET_CHILD:-} ]] && kill -s "$1" "$MEGDET_CHILD" 2>/dev/null
-    return 0
+# train.py writes finished.json when a run has trained (and evaluated) its whole schedule. A new job
+# on that directory would "resume" into zero iterations: refuse, unless EXTEND=1 says to continue it
+# (with a larger train.max_iters). A requeued job whose earlier run finished has nothing left to do.
+megdet_check_output_dir() {
+    local finished=$MEGDET_OUTPUT_DIR/finished.json
+    [[ -f $finished ]] || return 0
+    if [[ ${EXTEND:-0} == 1 ]]; then
+        megdet_log "EXTEND=1: continuing the finished run in $MEGDET_OUTPUT_DIR"
+    elif [[ ${SLURM_RESTART_COUNT:-0} != 0 ]]; then
+        megdet_log "$MEGDET_OUTPUT_DIR finished in an earlier run of this job ($finished): nothing to do"
+        exit 0
+    else
+        megdet_die "$MEGDET_OUTPUT_DIR holds a finished run ($finished): set OUTPUT_DIR to a new directory, or EXTEND=1 (with a larger train.max_iters) to continue it"
+    fi
+}
+
+# The launcher, and a Python that imports hvd_megdet and Horovod, must be on PATH here; when they are
+# not, the environment is usually one that jobs/env.sh does not activate.
+megdet_check_software() {
+    local exe var
+    case $1 in
+        horovodrun) exe=${HOROVODRUN:-horovodrun} var=HOROVODRUN ;;
+        mpirun) exe=${MPIRUN:-mpirun} var=MPIRUN ;;
+        srun) exe=${SRUN:-srun} var=SRUN ;;
+        *) return 0 ;;  # megdet_launch_command names the valid ones
+    esac
+    command -v "$exe" >/dev/null 2>&1 ||
+        megdet_die "$1 ('$exe') is not on PATH: activate the environment that has it in jobs/env.sh (module load, conda activate or source .venv/bin/activate), or set $var"
+    local python=${PYTHON:-python} err
+    command -v "$python" >/dev/null 2>&1 ||
+        megdet_die "Python ('$python') is not on PATH: activate the environment that has hvd_megdet's dependencies in jobs/env.sh, or set PYTHON"
+    if ! err=$("$python" -c 'import hvd_megdet, horovod' 2>&1); then
+        megdet_die "$(command -v "$python") cannot import hvd_megdet and horovod (${err##*$'\n'}): activate the environment that has them in jobs/env.sh, or set PYTHON"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Running: print (dry run) or execute, passing a stop request on to the ranks
+# ---------------------------------------------------------------------------------------------------
+# train.py stops on SIGTERM: every rank learns through an allreduce that one of them was signalled,
+# they save one checkpoint at the same iteration and exit with 143 (DataLoader workers ignore TERM and
+# end with their rank). The TERM must reach a rank, and nothing may kill the ranks while they save.
+# Slurm (22.05, proctrack/cgroup; tests/jobs/test_slurm.py) sends a requeue's, a time limit's or a
+# plain `scancel`'s SIGTERM to this batch shell only, not to what it started, and SIGKILL to
+# everything KillWait later; `scancel --signal=TERM` reaches the job steps only, never this shell.
+# Passing the TERM on to the launcher does not work:
+#   horovodrun  has become `sh -c "mpirun ..."`: the TERM ends sh; mpirun and the ranks never see it;
+#   mpirun      answers a TERM by killing its ranks: SIGCONT, odls_base_sigkill_timeout seconds, then
+#               SIGTERM and SIGKILL; a rank writing its checkpoint dies;
+# and Open MPI puts each rank in a process group of its own, so signalling this job's process group
+# misses them. So the TERM goes to the ranks themselves. Under srun they are the tasks of a job step,
+# on every node, and `scancel --signal=TERM JOB` signals them. Otherwise they are found below the
+# launcher on this node, and the allreduce brings the ranks of the other nodes along.
+
+# "PID PPID" of every process below ROOT (from ps, so that the whole tree is seen at once).
+megdet_descendants() {
+    ps -e -o pid= -o ppid= | awk -v root="$1" '
+        { parent[$1] = $2 }
+        END {
+            for (p in parent) {
+                q = parent[p]
+                while (q != root && (q in parent) && q > 1) q = parent[q]
+                if (q == root) print p, parent[p]
+            }
+        }'
+}
+
+# Is PID a trainer, `PYTHON -m hvd_megdet.train ...`? Its own argv, so neither a launcher whose
+# arguments name the module (mpirun, horovodrun) nor a `sh -c "..."` wrapper (Horovod's Gloo) counts.
+_megdet_is_trainer() {
+    local head
+    head=$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | sed -n '2,3p' | tr '\n' ' ')
+    [[ $head == "-m hvd_megdet.train " ]]
+}
+
+# The ranks below ROOT on this node: trainer processes whose parent is not one (their DataLoader
+# workers are forked trainers). Prints nothing until the ranks have started.
+megdet_local_ranks() {
+    local pid ppid
+    while read -r pid ppid; do
+        if _megdet_is_trainer "$pid" && ! _megdet_is_trainer "$ppid"; then printf '%s\n' "$pid"; fi
+    done < <(megdet_descendants "$1")
+}
+
+# Called from the traps (repeated requests are harmless: the trainer only sets a flag).
+_megdet_stop() {
+    local why=$1
+    [[ -n ${MEGDET_CHILD:-} ]] || return 0
+    if [[ $MEGDET_LAUNCHER == srun ]]; then
+        MEGDET_STOP_SENT=srun
+        megdet_log "$why: SIGTERM to the ranks (the steps of job ${SLURM_JOB_ID:-?}); they save a checkpoint and exit"
+        "${SCANCEL:-scancel}" --signal=TERM "${SLURM_JOB_ID:-}" || megdet_log "warning: scancel --signal=TERM ${SLURM_JOB_ID:-} failed"
+        return 0
+    fi
+    local ranks
+    ranks=$(megdet_local_ranks "$MEGDET_CHILD" | tr '\n' ' ')
+    if [[ -n ${ranks// /} ]]; then
+        # A second request (the guard step passes on Slurm's TERM too) is sent again but not logged.
+        [[ ${MEGDET_STOP_SENT:-} == "$ranks" ]] ||
+            megdet_log "$why: SIGTERM to the ranks on $(hostname -s) (PIDs ${ranks% }); they save a checkpoint at the same iteration and exit"
+        MEGDET_STOP_SENT=$ranks
+        # shellcheck disable=SC2086  # one PID per word
+        kill -TERM $ranks 2>/dev/null || true
+    else
+        # No rank is running yet, so there is nothing to save: stop the launcher and all below it.
+        [[ -n ${MEGDET_STOP_EARLY:-} ]] || megdet_log "$why: no rank has started yet; stopping the launcher"
+        MEGDET_STOP_EARLY=1
+        local pids
+        pids=$(megdet_descendants "$MEGDET_CHILD" | cut -d' ' -f1 | tr '\n' ' ')
+        # shellcheck disable=SC2086
+        kill -TERM "$MEGDET_CHILD" $pids 2>/dev/null || true
+    fi
 }
 
 # Slurm sends USR1 (--signal=B:USR1@SECONDS) before the time limit; requeueing puts the same job id
@@ -243,7 +408,35 @@ _megdet_requeue() {
         megdet_log "USR1: time limit or preemption ahead, requeueing job ${SLURM_JOB_ID:-?} (restart $((restarts + 1)))"
         "${SCONTROL:-scontrol}" requeue "${SLURM_JOB_ID:?}" || megdet_log "warning: scontrol requeue failed"
     fi
-    _megdet_forward TERM
+    _megdet_stop USR1
+}
+
+# `scancel --signal=TERM JOB` signals the job's steps only, never the batch shell or what it started.
+# Under horovodrun/mpirun the ranks are in no step, so a one-task step on this node stands guard: a
+# TERM to it becomes a TERM to this shell, which stops the ranks as above. It ends with the launcher.
+_megdet_start_stop_guard() {
+    # shellcheck disable=SC2016  # expanded by the guard's shell: $0 this shell, $1 the launcher
+    "${SRUN:-srun}" --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --cpus-per-task=1 \
+        --nodelist="${SLURMD_NODENAME:-$(hostname -s)}" --mpi=none --job-name=megdet-stop-guard \
+        --quiet bash -c 'trap "kill -TERM $0 2>/dev/null; exit 0" TERM
+            while kill -0 "$1" 2>/dev/null; do sleep 1; done' "$$" "$MEGDET_CHILD" </dev/null &
+    MEGDET_GUARD=$!
+}
+
+# Wait for PID; a trapped signal interrupts `wait` (status > 128) while PID still runs: wait again.
+# A status > 128 may also be PID's own (143 after a stop); asking again returns it, or 127 from a
+# bash that has already forgotten it.
+_megdet_wait() {
+    local rc again
+    while true; do
+        wait "$1" && rc=0 || rc=$?
+        if ((rc > 128)) && kill -0 "$1" 2>/dev/null; then continue; fi
+        if ((rc > 128)); then
+            wait "$1" && again=0 || again=$?
+            ((again == 127)) || rc=$again
+        fi
+        return "$rc"
+    done
 }
 
 # Run the launcher in the background and wait, so that signals reach our traps while it runs (bash
@@ -251,23 +444,30 @@ _megdet_requeue() {
 megdet_run() {
     local scheduler=$1
     shift
-    MEGDET_CHILD=""
-    # PBS (qdel, preemption of a `-r y` job) and Slurm send TERM; pass it on so ranks exit cleanly.
-    trap '_megdet_forward TERM' TERM
-    # Background children of a non-interactive shell ignore INT, so Ctrl-C becomes TERM for them.
-    trap '_megdet_forward TERM' INT
-    [[ $scheduler == slurm ]] && trap '_megdet_requeue' USR1
+    MEGDET_CHILD="" MEGDET_GUARD="" MEGDET_STOP_SENT="" MEGDET_STOP_EARLY=""
+    # PBS (qdel, preemption of a `-r y` job) and Slurm send TERM: the ranks save and stop.
+    trap '_megdet_stop TERM' TERM
+    # Background children of a non-interactive shell ignore INT, so Ctrl-C becomes TERM for the ranks.
+    trap '_megdet_stop INT' INT
+    if [[ $scheduler == slurm ]]; then trap '_megdet_requeue' USR1; fi
     "$@" &
     MEGDET_CHILD=$!
+    if [[ $scheduler == slurm && $MEGDET_LAUNCHER != srun ]]; then _megdet_start_stop_guard; fi
     local rc
-    while true; do
-        wait "$MEGDET_CHILD" && rc=0 || rc=$?
-        # > 128: a trapped signal interrupted `wait`; keep waiting while the launcher shuts down.
-        ((rc > 128)) && kill -0 "$MEGDET_CHILD" 2>/dev/null && continue
-        ((rc > 128)) && { wait "$MEGDET_CHILD" && rc=0 || rc=$?; }
-        break
-    done
+    _megdet_wait "$MEGDET_CHILD" && rc=0 || rc=$?
+    if [[ -n $MEGDET_GUARD ]]; then
+        # The guard sees the launcher gone within a second; one stuck in step creation is killed.
+        local i
+        for ((i = 0; i < 10; i++)); do kill -0 "$MEGDET_GUARD" 2>/dev/null && sleep 0.5; done
+        kill -KILL "$MEGDET_GUARD" 2>/dev/null || true
+        _megdet_wait "$MEGDET_GUARD" || true
+    fi
     trap - TERM INT USR1
+    MEGDET_CHILD=""
+    # 143 is train.py's "saved and stopped" (under srun the TERM may have come from scancel directly).
+    if ((rc == 143)) && [[ -n $MEGDET_STOP_SENT || $MEGDET_LAUNCHER == srun ]]; then
+        megdet_log "training stopped on request with a checkpoint (exit 143): a requeued or resubmitted job with OUTPUT_DIR=$MEGDET_OUTPUT_DIR resumes from it"
+    fi
     return "$rc"
 }
 
@@ -285,17 +485,23 @@ megdet_main() {
     local stem
     stem=$(basename "$CONFIG")
     OUTPUT_DIR=${OUTPUT_DIR:-${OUTPUT_ROOT:-$MEGDET_ROOT/runs}/${stem%.*}}
+    MEGDET_LAUNCHER=${LAUNCHER:-horovodrun}
 
     megdet_collect_hosts "$scheduler"
+    if [[ $scheduler == slurm ]]; then megdet_check_slurm_grant; fi
     megdet_check_table3_gpus
     megdet_setup_env
     megdet_log "$scheduler job: $MEGDET_NNODES node(s) x ranks [${MEGDET_SLOTS[*]}] = $MEGDET_NP ranks;" \
         "config $CONFIG; output $OUTPUT_DIR; OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    megdet_effective_output_dir "$@"
+    megdet_check_output_dir
+    megdet_dry_run || megdet_check_software "$MEGDET_LAUNCHER"
 
     if [[ -n ${DATA_PATH:-} ]]; then
         [[ -f $DATA_PATH/manifest.json ]] || megdet_die "DATA_PATH '$DATA_PATH' has no manifest.json (write shards with data_prep first)"
         if [[ ${STAGE_DATA:-0} == 1 ]]; then
-            local dst=${LOCAL_SCRATCH:-${TMPDIR:-/tmp}}/hvd_megdet/$(basename "$DATA_PATH")
+            local dst
+            dst=${LOCAL_SCRATCH:-${TMPDIR:-/tmp}}/hvd_megdet/$(basename "$DATA_PATH")
             megdet_stage_command "$scheduler" "$DATA_PATH" "$dst"
             if megdet_dry_run; then megdet_quote "${MEGDET_CMD[@]}"; else
                 megdet_log "staging $DATA_PATH to $dst on every node"
@@ -311,7 +517,7 @@ megdet_main() {
         megdet_quote "${MEGDET_CMD[@]}"
         return 0
     fi
-    mkdir -p "$OUTPUT_DIR"
+    mkdir -p "$MEGDET_OUTPUT_DIR"
     megdet_log "running: $(megdet_quote "${MEGDET_CMD[@]}")"
     megdet_run "$scheduler" "${MEGDET_CMD[@]}"
 }

@@ -11,6 +11,7 @@
 #                   as in jobs/slurm/megdet.sbatch (OUTPUT_DIR default runs/<config name>)
 #   LAUNCHER        horovodrun | mpirun (default horovodrun; HOROVOD_ARGS=--gloo for Gloo)
 #   PYTHON HOROVODRUN MPIRUN    default: the repository's .venv when it exists, else PATH
+#   EXTEND=1        continue a run that finished in OUTPUT_DIR (with a larger train.max_iters)
 #   MEGDET_DRY_RUN=1  print the command line instead of running it
 set -euo pipefail
 MEGDET_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -21,10 +22,6 @@ if [[ -x $MEGDET_ROOT/.venv/bin/python ]]; then
 fi
 if [[ -x $MEGDET_ROOT/.venv/bin/horovodrun ]]; then
     : "${HOROVODRUN:=$MEGDET_ROOT/.venv/bin/horovodrun}"
-fi
-# Open MPI refuses to start as root (containers, CI) unless told; horovodrun already passes the flag.
-if [[ $(id -u) == 0 ]]; then
-    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 # shellcheck source=../lib/launch.sh
 source "$MEGDET_ROOT/jobs/lib/launch.sh"

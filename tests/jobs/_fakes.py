@@ -28,6 +28,19 @@ fi
 echo "$*" >> "$FAKE_SCONTROL_LOG"
 """
 
+# Stands in for the job's Python in the check before launching (`python -c 'import hvd_megdet, horovod'`).
+_PYTHON = """#!/bin/sh
+exit 0
+"""
+
+# Stands in for srun as a one-task job step on this node: records its options, runs the command.
+_SRUN = """#!/bin/bash
+echo "$*" >> "$FAKE_SRUN_LOG"
+echo $$ > "$FAKE_SRUN_LOG.pid"
+while [[ $1 == -* ]]; do shift; done
+exec "$@"
+"""
+
 # Stands in for horovodrun/mpirun/srun: records argv and environment, then either exits with
 # $FAKE_EXIT or runs until TERM (recording it), like a launcher whose ranks are training.
 _LAUNCHER = """#!/bin/bash
@@ -56,6 +69,9 @@ class FakeCluster:
         self.bin.mkdir()
         _write_exe(self.bin / "scontrol", _SCONTROL)
         self.launcher = _write_exe(self.bin / "fake_launcher", _LAUNCHER)
+        _write_exe(self.bin / "python", _PYTHON)
+        _write_exe(self.bin / "srun", _SRUN)
+        self.srun_log = root / "srun.log"
         self.scontrol_log = root / "scontrol.log"
         self.launcher_log = root / "launcher"
         self.config = root / "tiny.yaml"
@@ -87,6 +103,8 @@ class FakeCluster:
             "CONFIG": str(self.config),
             "DATA_PATH": str(self.data),
             "OUTPUT_DIR": str(self.output),
+            "FAKE_SRUN_LOG": str(self.srun_log),
+            "MEGDET_VENV": "",  # jobs/env.sh activates no venv: the stubs above stay first on PATH
         }
         env.update(extra)
         return env

@@ -14,6 +14,7 @@ import pytest
 from tests.jobs._fakes import LOCAL, REPO_ROOT, FakeCluster
 
 _PROBE = """#!/bin/bash
+[ "$1" = -c ] && exec {python} "$@"  # the job's check before launching: python -c 'import ...'
 exec {python} -c '
 import json, os, sys
 from hvd_megdet import comm

@@ -36,9 +36,19 @@ def test_local_run_two_ranks_two_iterations(tmp_path):
     checkpoints = sorted((out / "checkpoints").glob("ckpt_*.pt"))
     assert [c.name for c in checkpoints] == ["ckpt_00000002.pt"], proc.stdout[-2000:] + proc.stderr[-2000:]
 
-    # Running again resumes from that checkpoint instead of starting over (the requeue path of the
-    # cluster jobs): with max_iters already reached it must finish without error.
+    assert (out / "finished.json").is_file()
+
+    # Running again into the finished run is refused before anything starts, in one line.
     again = subprocess.run(["bash", str(LOCAL), "train.max_iters=2"], env=env, cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "resumed from" in again.stdout + again.stderr
+    assert again.returncode == 1 and f"{out} holds a finished run" in again.stderr, again.stderr[-4000:]
+    assert "running:" not in again.stderr
+
+    # EXTEND=1 resumes from that checkpoint instead of starting over (the requeue path of the cluster
+    # jobs); with max_iters already reached the trainer says so and does nothing.
+    extended = subprocess.run(["bash", str(LOCAL), "train.max_iters=2"], env={**env, "EXTEND": "1"}, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=900)
+    assert extended.returncode == 0, extended.stdout[-4000:] + extended.stderr[-4000:]
+    assert "resumed from" in extended.stdout + extended.stderr
+    assert "holds a finished run" in extended.stdout + extended.stderr  # train.py: nothing to do
+    assert [c.name for c in sorted((out / "checkpoints").glob("ckpt_*.pt"))] == ["ckpt_00000002.pt"]
