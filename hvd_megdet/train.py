@@ -222,8 +222,8 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
             progress.next_epoch()
             saved_at = save()
             if engine.any_rank(stop_requested.is_set(), ctx, "stop"):  # signalled during evaluation
-                raise engine.Preempted(f"stopped on request after epoch {epoch + 1}; "
-                                       f"rerun with the same train.output_dir to resume")
+                raise engine.Preempted(f"stopped on request after iteration {progress.iteration} (epoch {epoch + 1} "
+                                       f"done); rerun with the same train.output_dir to resume")
     if saved_at != progress.iteration:
         saved_at = save()  # stopped inside an epoch (train.max_iters): keep the final state
     summary = {"output_dir": str(out), "iterations": progress.iteration, "epoch": progress.epoch,
