@@ -81,6 +81,20 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _workers_shut_down(loader: torch.utils.data.DataLoader):
+    """Stop the loader's persistent workers when the block ends, however it ends. They ignore SIGTERM
+    (see _ignore_sigterm), so multiprocessing's exit handler, which terminates them with SIGTERM and
+    then joins them, would wait forever if a reference cycle kept the loader alive until exit."""
+    try:
+        yield
+    finally:
+        iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bool = False) -> dict:
     """Train with ``cfg`` on the ranks of ``ctx``; returns a summary (paths, iterations, epoch).
     ``debug``: a stalled rank prints every thread's stack before it ends the job."""
@@ -198,7 +212,7 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
     # it: Horovod's own stall check cannot see it (see watchdog).
     stall = watchdog.Watchdog(ctx.rank, cfg.train.stall_timeout_s, status_dir=out / "status",
                               world_size=ctx.size, dump_stacks=debug)
-    with sigterm_flag() as stop_requested, stall:
+    with sigterm_flag() as stop_requested, stall, _workers_shut_down(loader):
         batches = watchdog.watched(loader, stall)  # beats before and after every batch
         for epoch in range(progress.epoch, math.ceil(total / iters_per_epoch)):
             for _ in engine.train_one_epoch(model, optimizer, scaler, batches, progress, settings, ctx, logger):
