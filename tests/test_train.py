@@ -1,4 +1,6 @@
 """hvd_megdet.train: distributed equivalence, exact resume, and the entry point's behaviour."""
+import gc
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from hvd_megdet import checkpoint, comm, train
 from hvd_megdet.config import ModelConfig
 from hvd_megdet.metrics import read_log
 from hvd_megdet.model import build_model
+from tests.conftest import make_synthetic_shards
 from tests.mpirun import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,3 +197,23 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_train_shards, tmp
                            env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {saved[0]} at iteration {stopped_at}" in again.stderr
+
+
+def _workers_left_worker(shards, val, out):
+    # With the cyclic garbage collector off, whatever still holds the loader keeps it until exit.
+    gc.disable()
+    rc = train.main(["--set", f"data.train_path={shards}", f"data.val_path={val}", f"train.output_dir={out}",
+                     "train.max_iters=4", "train.eval_at_end=true", "data.num_workers=1", "data.images_per_rank=2",
+                     *SMALL])
+    return rc, [p.pid for p in multiprocessing.active_children()]
+
+
+def test_training_leaves_no_worker_process_behind(tiny_train_shards, tmp_path):
+    # The DataLoader's persistent workers ignore SIGTERM (train._ignore_sigterm). A loader still
+    # alive at interpreter exit made multiprocessing's exit handler send them SIGTERM and join them
+    # forever: `make demo`'s rank 0 hung after training and evaluating. train.run now stops them itself.
+    val = make_synthetic_shards(tmp_path / "val", 4, "128x96", seed=5, split="val")
+    results = run_ranks("tests.test_train:_workers_left_worker", np=2,
+                        args=(str(tiny_train_shards), str(val), str(tmp_path / "run")), timeout=300)
+    assert results == [(0, []), (0, [])]
+    assert (tmp_path / "run" / train.FINISHED).exists() and (tmp_path / "run" / "eval_epoch01").is_dir()

@@ -355,8 +355,17 @@ megdet_descendants() {
 # arguments name the module (mpirun, horovodrun) nor a `sh -c "..."` wrapper (Horovod's Gloo) counts.
 _megdet_is_trainer() {
     local head
-    head=$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | sed -n '2,3p' | tr '\n' ' ')
+    head=$(tr '\0' '\n' 2>/dev/null <"/proc/$1/cmdline" | sed -n '2,3p' | tr '\n' ' ')
     [[ $head == "-m hvd_megdet.train " ]]
+}
+
+# Has PID exited without being reaped? A rank that has just stopped is such a zombie for a moment;
+# its command line is empty then, and its DataLoader workers are not ranks.
+_megdet_is_zombie() {
+    local stat
+    stat=$(cat 2>/dev/null "/proc/$1/stat") || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} == Z ]]
 }
 
 # The ranks below ROOT on this node: trainer processes whose parent is not one (their DataLoader
@@ -364,16 +373,26 @@ _megdet_is_trainer() {
 megdet_local_ranks() {
     local pid ppid
     while read -r pid ppid; do
-        if _megdet_is_trainer "$pid" && ! _megdet_is_trainer "$ppid"; then printf '%s\n' "$pid"; fi
+        if _megdet_is_trainer "$pid" && ! _megdet_is_trainer "$ppid" && ! _megdet_is_zombie "$ppid"; then
+            printf '%s\n' "$pid"
+        fi
     done < <(megdet_descendants "$1")
 }
 
-# Called from the traps (repeated requests are harmless: the trainer only sets a flag).
+# While the traps below are set, this shell expands no $( ) and no <( ): bash 5.2 (5.2.15 on Debian 12)
+# corrupts its parser when a trap is taken during such an expansion, and the trap then fails with
+# "trap: line 2: unexpected EOF while looking for matching `)'" (a requeue's TERM landing in the USR1
+# handler's own $( ) lost a stop that way; tests/jobs/test_job_checks.py). So a trap only notes the
+# request, and megdet_run acts on it in a subshell: traps are reset there, and this shell takes the
+# next trap only once the subshell has ended.
+_megdet_note() { MEGDET_REQUESTS+=("$1"); }
+
+# The stop, in the subshell. State that must outlive it is a file in MEGDET_STATE: "sent" (the PIDs
+# signalled, or "srun"), "early" (the launcher was stopped before any rank started).
 _megdet_stop() {
-    local why=$1
-    [[ -n ${MEGDET_CHILD:-} ]] || return 0
+    local why=$1 sent=$MEGDET_STATE/sent
     if [[ $MEGDET_LAUNCHER == srun ]]; then
-        MEGDET_STOP_SENT=srun
+        echo srun >"$sent"
         megdet_log "$why: SIGTERM to the ranks (the steps of job ${SLURM_JOB_ID:-?}); they save a checkpoint and exit"
         "${SCANCEL:-scancel}" --signal=TERM "${SLURM_JOB_ID:-}" || megdet_log "warning: scancel --signal=TERM ${SLURM_JOB_ID:-} failed"
         return 0
@@ -382,15 +401,15 @@ _megdet_stop() {
     ranks=$(megdet_local_ranks "$MEGDET_CHILD" | tr '\n' ' ')
     if [[ -n ${ranks// /} ]]; then
         # A second request (the guard step passes on Slurm's TERM too) is sent again but not logged.
-        [[ ${MEGDET_STOP_SENT:-} == "$ranks" ]] ||
+        [[ -f $sent && $(<"$sent") == "$ranks" ]] ||
             megdet_log "$why: SIGTERM to the ranks on $(hostname -s) (PIDs ${ranks% }); they save a checkpoint at the same iteration and exit"
-        MEGDET_STOP_SENT=$ranks
+        printf '%s\n' "$ranks" >"$sent"
         # shellcheck disable=SC2086  # one PID per word
         kill -TERM $ranks 2>/dev/null || true
     else
         # No rank is running yet, so there is nothing to save: stop the launcher and all below it.
-        [[ -n ${MEGDET_STOP_EARLY:-} ]] || megdet_log "$why: no rank has started yet; stopping the launcher"
-        MEGDET_STOP_EARLY=1
+        [[ -f $MEGDET_STATE/early ]] || megdet_log "$why: no rank has started yet; stopping the launcher"
+        : >"$MEGDET_STATE/early"
         local pids
         pids=$(megdet_descendants "$MEGDET_CHILD" | cut -d' ' -f1 | tr '\n' ' ')
         # shellcheck disable=SC2086
@@ -408,16 +427,31 @@ _megdet_requeue() {
         megdet_log "USR1: time limit or preemption ahead, requeueing job ${SLURM_JOB_ID:-?} (restart $((restarts + 1)))"
         "${SCONTROL:-scontrol}" requeue "${SLURM_JOB_ID:?}" || megdet_log "warning: scontrol requeue failed"
     fi
-    _megdet_stop USR1
+}
+
+# The requests noted since the last call (TERM, INT, USR1), acted on in a subshell; repeated requests
+# are harmless: the trainer only sets a flag. Slurm answers the requeue with a TERM to this shell.
+_megdet_act() {
+    # A trap may append while this runs: take the requests up to a count read once, clear nothing.
+    local count=${#MEGDET_REQUESTS[@]}
+    local requests=("${MEGDET_REQUESTS[@]:MEGDET_ACTED:count-MEGDET_ACTED}")
+    MEGDET_ACTED=$count
+    (
+        # A Ctrl-C reaches the whole foreground process group, this subshell included: finish first.
+        trap '' TERM INT USR1
+        if [[ " ${requests[*]} " == *" USR1 "* ]]; then _megdet_requeue; fi
+        _megdet_stop "${requests[0]}"
+    ) || megdet_log "warning: acting on ${requests[*]} failed"
 }
 
 # `scancel --signal=TERM JOB` signals the job's steps only, never the batch shell or what it started.
 # Under horovodrun/mpirun the ranks are in no step, so a one-task step on this node stands guard: a
 # TERM to it becomes a TERM to this shell, which stops the ranks as above. It ends with the launcher.
 _megdet_start_stop_guard() {
+    local node=$1
     # shellcheck disable=SC2016  # expanded by the guard's shell: $0 this shell, $1 the launcher
     "${SRUN:-srun}" --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --cpus-per-task=1 \
-        --nodelist="${SLURMD_NODENAME:-$(hostname -s)}" --mpi=none --job-name=megdet-stop-guard \
+        --nodelist="$node" --mpi=none --job-name=megdet-stop-guard \
         --quiet bash -c 'trap "kill -TERM $0 2>/dev/null; exit 0" TERM
             while kill -0 "$1" 2>/dev/null; do sleep 1; done' "$$" "$MEGDET_CHILD" </dev/null &
     MEGDET_GUARD=$!
@@ -439,20 +473,34 @@ _megdet_wait() {
     done
 }
 
-# Run the launcher in the background and wait, so that signals reach our traps while it runs (bash
-# defers traps until a foreground child exits). Returns the launcher's exit status.
+# Run the launcher in the background, so that signals reach our traps while it runs (bash defers
+# traps until a foreground child exits), and act on the requests they note. Returns the launcher's
+# exit status.
 megdet_run() {
     local scheduler=$1
     shift
-    MEGDET_CHILD="" MEGDET_GUARD="" MEGDET_STOP_SENT="" MEGDET_STOP_EARLY=""
+    MEGDET_CHILD="" MEGDET_GUARD="" MEGDET_REQUESTS=() MEGDET_ACTED=0
+    MEGDET_STATE=$(mktemp -d "${TMPDIR:-/tmp}/megdet-launch.XXXXXX") ||
+        megdet_die "cannot create a temporary directory in ${TMPDIR:-/tmp}"
+    local node=${SLURMD_NODENAME:-}
+    [[ -n $node ]] || node=$(hostname -s)
+    # No $( ) from here until the traps are reset (see _megdet_note).
     # PBS (qdel, preemption of a `-r y` job) and Slurm send TERM: the ranks save and stop.
-    trap '_megdet_stop TERM' TERM
+    trap '_megdet_note TERM' TERM
     # Background children of a non-interactive shell ignore INT, so Ctrl-C becomes TERM for the ranks.
-    trap '_megdet_stop INT' INT
-    if [[ $scheduler == slurm ]]; then trap '_megdet_requeue' USR1; fi
+    trap '_megdet_note INT' INT
+    if [[ $scheduler == slurm ]]; then trap '_megdet_note USR1' USR1; fi
     "$@" &
     MEGDET_CHILD=$!
-    if [[ $scheduler == slurm && $MEGDET_LAUNCHER != srun ]]; then _megdet_start_stop_guard; fi
+    if [[ $scheduler == slurm && $MEGDET_LAUNCHER != srun ]]; then _megdet_start_stop_guard "$node"; fi
+    # Poll with a sleep in the foreground rather than `wait` for the launcher: bash 5.2 leaves a trap
+    # taken inside `wait` half-run when another signal follows at once (a USR1 lost to the next TERM),
+    # and a request noted just before `wait` began would be acted on only when the launcher ended.
+    # Traps run between commands here, half a second late at most.
+    while kill -0 "$MEGDET_CHILD" 2>/dev/null; do
+        if ((${#MEGDET_REQUESTS[@]} > MEGDET_ACTED)); then _megdet_act; fi
+        sleep 0.5 || true
+    done
     local rc
     _megdet_wait "$MEGDET_CHILD" && rc=0 || rc=$?
     if [[ -n $MEGDET_GUARD ]]; then
@@ -465,9 +513,10 @@ megdet_run() {
     trap - TERM INT USR1
     MEGDET_CHILD=""
     # 143 is train.py's "saved and stopped" (under srun the TERM may have come from scancel directly).
-    if ((rc == 143)) && [[ -n $MEGDET_STOP_SENT || $MEGDET_LAUNCHER == srun ]]; then
+    if ((rc == 143)) && [[ -f $MEGDET_STATE/sent || $MEGDET_LAUNCHER == srun ]]; then
         megdet_log "training stopped on request with a checkpoint (exit 143): a requeued or resubmitted job with OUTPUT_DIR=$MEGDET_OUTPUT_DIR resumes from it"
     fi
+    rm -rf "$MEGDET_STATE"
     return "$rc"
 }
 
