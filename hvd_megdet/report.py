@@ -270,15 +270,21 @@ def _colors(runs: Sequence[Run]) -> dict[str, str]:
     return {run.name: f"C{i % 10}" for i, run in enumerate(runs)}
 
 
-def plot_mmap_vs_hours(runs: Sequence[Run], path: Path) -> Path:
-    fig, (ax,) = _figure()
+def _plot_mmap(ax, runs: Sequence[Run], x_key: str) -> bool:
+    """One mmAP (%) curve per run against ``x_key`` of its evaluations; False when none has a point."""
     colors = _colors(runs)
     drawn = False
     for run in runs:
-        points = [(e["hours"], e["mmAP"] * 100) for e in run.evals if e["hours"] is not None and "mmAP" in e]
+        points = [(e[x_key], e["mmAP"] * 100) for e in run.evals if e.get(x_key) is not None and "mmAP" in e]
         if points:
             ax.plot(*zip(*points), "o-", color=colors[run.name], label=run.label)
             drawn = True
+    return drawn
+
+
+def plot_mmap_vs_hours(runs: Sequence[Run], path: Path) -> Path:
+    fig, (ax,) = _figure()
+    drawn = _plot_mmap(ax, runs, "hours")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)  # from zero: a zoomed axis makes small differences look large
     ax.set_xlabel("training time (hours, resumed segments summed)")
@@ -293,13 +299,7 @@ def plot_mmap_vs_hours(runs: Sequence[Run], path: Path) -> Path:
 
 def plot_mmap_per_epoch(runs: Sequence[Run], path: Path) -> Path:
     fig, (ax,) = _figure()
-    colors = _colors(runs)
-    drawn = False
-    for run in runs:
-        points = [(e["epoch"], e["mmAP"] * 100) for e in run.evals if "mmAP" in e]
-        if points:
-            ax.plot(*zip(*points), "o-", color=colors[run.name], label=run.label)
-            drawn = True
+    drawn = _plot_mmap(ax, runs, "epoch")
     styles = {"normal": "--", "long": ":"}
     for policy in sorted({run.policy for run in runs if run.decay_epochs}):
         for i, epoch in enumerate(lr_schedule.POLICIES[policy].decay_epochs):

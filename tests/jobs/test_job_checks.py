@@ -24,6 +24,15 @@ def _slurm_env(cluster, **extra):
     return cluster.env(SLURM_JOB_NODELIST="node[01-04]", SLURM_CPUS_ON_NODE="64", SLURM_JOB_ID="4242", **extra)
 
 
+def _one_job(cluster, script):
+    """(template, environment) for a 2- or 8-rank job of each kind: slurm, pbs or local."""
+    return {
+        "slurm": lambda: (SBATCH, _slurm_env(cluster, SLURM_GPUS_ON_NODE="8")),
+        "pbs": lambda: (PBS, cluster.env(PBS_NODEFILE=str(cluster.nodefile(["a", "a"])))),
+        "local": lambda: (LOCAL, cluster.env(NP="2")),
+    }[script]()
+
+
 def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("[megdet] error")]
 
@@ -61,11 +70,7 @@ def _finish(directory):
 
 @pytest.mark.parametrize("script", ["slurm", "pbs", "local"])
 def test_a_finished_output_dir_is_refused_unless_extended(cluster, script):
-    path, env = {
-        "slurm": (SBATCH, _slurm_env(cluster, SLURM_GPUS_ON_NODE="8")),
-        "pbs": (PBS, cluster.env(PBS_NODEFILE=str(cluster.nodefile(["a", "a"])))),
-        "local": (LOCAL, cluster.env(NP="2")),
-    }[script]
+    path, env = _one_job(cluster, script)
     _finish(cluster.output)
     proc = run_script(path, {**env, "MEGDET_DRY_RUN": "1"})
     assert proc.returncode == 1 and _errors(proc.stderr) == [
@@ -210,6 +215,22 @@ def _tree(cluster, tmp_path, kind):
     return launcher, events, env
 
 
+def _tree_job(cluster, tmp_path, kind):
+    """A one-node Slurm job (2 GPUs) whose launcher starts the stand-in ranks: (environment, events file)."""
+    launcher, events, tree = _tree(cluster, tmp_path, kind)
+    launch = {"LAUNCHER": "mpirun", "MPIRUN": str(launcher)} if kind == "mpirun" else \
+        {"LAUNCHER": "horovodrun", "HOROVODRUN": str(launcher)}
+    env = _slurm_env(cluster, SLURM_GPUS_ON_NODE="2", MPIRUN_ARGS="", **tree, **launch)
+    env["SLURM_JOB_NODELIST"] = "node01"
+    (cluster.bin / "scontrol").write_text('#!/bin/sh\n[ "$1" = show ] && echo node01 && exit 0\n'
+                                          'echo "$*" >> "$FAKE_SCONTROL_LOG"\n')
+    return env, events
+
+
+# Both ranks got the TERM; their DataLoader workers did not (they end with their rank).
+STOPPED = ["rank0 TERM", "rank0 up", "rank1 TERM", "rank1 up", "worker0 up", "worker1 up"]
+
+
 def _events(path):
     return sorted(path.read_text().splitlines()) if path.exists() else []
 
@@ -240,27 +261,19 @@ def _finish_proc(proc):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("kind, launcher_var", [("mpirun", "MPIRUN"), ("gloo", "HOROVODRUN")])
-def test_term_to_the_batch_shell_reaches_the_ranks_only(cluster, tmp_path, kind, launcher_var):
-    launcher, events, tree = _tree(cluster, tmp_path, kind)
-    env = _slurm_env(cluster, SLURM_GPUS_ON_NODE="2", **tree,
-                     LAUNCHER="mpirun" if kind == "mpirun" else "horovodrun", MPIRUN_ARGS="",
-                     **{launcher_var: str(launcher)})
-    env["SLURM_JOB_NODELIST"] = "node01"
-    (cluster.bin / "scontrol").write_text("#!/bin/sh\n[ \"$1\" = show ] && echo node01\n")
+@pytest.mark.parametrize("kind", ["mpirun", "gloo"])
+def test_term_to_the_batch_shell_reaches_the_ranks_only(cluster, tmp_path, kind):
+    env, events = _tree_job(cluster, tmp_path, kind)
     proc = _start(SBATCH, env)
     _wait(lambda: _up(events), "the ranks and their workers")
     os.kill(proc.pid, signal.SIGTERM)  # what Slurm does on requeue, time limit and scancel
     rc, err = _finish_proc(proc)
-    assert _events(events) == ["rank0 TERM", "rank0 up", "rank1 TERM", "rank1 up", "worker0 up", "worker1 up"], err
+    assert _events(events) == STOPPED, err
     assert rc == 143 and "TERM: SIGTERM to the ranks on" in err and "training stopped on request" in err, err
 
 
 def test_scancel_signal_term_reaches_the_ranks_through_the_guard_step(cluster, tmp_path):
-    launcher, events, tree = _tree(cluster, tmp_path, "mpirun")
-    env = _slurm_env(cluster, SLURM_GPUS_ON_NODE="2", **tree, LAUNCHER="mpirun", MPIRUN_ARGS="", MPIRUN=str(launcher))
-    env["SLURM_JOB_NODELIST"] = "node01"
-    (cluster.bin / "scontrol").write_text("#!/bin/sh\n[ \"$1\" = show ] && echo node01\n")
+    env, events = _tree_job(cluster, tmp_path, "mpirun")
     proc = _start(SBATCH, env)
     guard_pid = Path(f"{cluster.srun_log}.pid")
     _wait(lambda: _up(events) and guard_pid.exists(), "the ranks and the guard step")
@@ -268,9 +281,8 @@ def test_scancel_signal_term_reaches_the_ranks_through_the_guard_step(cluster, t
     # `scancel --signal=TERM` signals the job's steps (here: the stand-in srun's guard), not the shell.
     os.kill(int(guard_pid.read_text()), signal.SIGTERM)
     rc, err = _finish_proc(proc)
-    assert _events(events) == ["rank0 TERM", "rank0 up", "rank1 TERM", "rank1 up", "worker0 up", "worker1 up"], err
+    assert _events(events) == STOPPED, err
     assert rc == 143
-
 
 
 @pytest.mark.parametrize("attempt", range(3))  # the old launch.sh failed about 4 times in 5
@@ -279,11 +291,7 @@ def test_a_stop_survives_signals_arriving_while_the_batch_shell_works(cluster, t
     # "trap: line 2: unexpected EOF while looking for matching `)'" and a requeue's stop was lost (CI,
     # test_slurm.py), or the shell wedged. Slurm's TERM follows the USR1 handler's requeue at once; a
     # burst of them lands while the batch shell looks for the ranks.
-    launcher, events, tree = _tree(cluster, tmp_path, "mpirun")
-    env = _slurm_env(cluster, SLURM_GPUS_ON_NODE="2", **tree, LAUNCHER="mpirun", MPIRUN_ARGS="", MPIRUN=str(launcher))
-    env["SLURM_JOB_NODELIST"] = "node01"
-    (cluster.bin / "scontrol").write_text('#!/bin/sh\n[ "$1" = show ] && echo node01 && exit 0\n'
-                                          'echo "$*" >> "$FAKE_SCONTROL_LOG"\n')
+    env, events = _tree_job(cluster, tmp_path, "mpirun")
     proc = _start(SBATCH, env)
     _wait(lambda: _up(events), "the ranks and their workers")
     os.kill(proc.pid, signal.SIGUSR1)
@@ -293,7 +301,7 @@ def test_a_stop_survives_signals_arriving_while_the_batch_shell_works(cluster, t
         time.sleep(0.002)
     rc, err = _finish_proc(proc)
     assert "unexpected EOF" not in err and "syntax error" not in err, err
-    assert _events(events) == ["rank0 TERM", "rank0 up", "rank1 TERM", "rank1 up", "worker0 up", "worker1 up"], err
+    assert _events(events) == STOPPED, err
     assert cluster.scontrol_log.read_text().splitlines() == ["requeue 4242"], err
     assert rc == 143 and err.count("SIGTERM to the ranks on") == 1 and "training stopped on request" in err, err
 
@@ -301,11 +309,7 @@ def test_a_stop_survives_signals_arriving_while_the_batch_shell_works(cluster, t
 # --- mpirun as root ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["slurm", "pbs", "local"])
 def test_mpirun_is_allowed_to_run_as_root_exactly_when_root(cluster, script):
-    path, env = {
-        "slurm": (SBATCH, _slurm_env(cluster, SLURM_GPUS_ON_NODE="8")),
-        "pbs": (PBS, cluster.env(PBS_NODEFILE=str(cluster.nodefile(["a", "a"])))),
-        "local": (LOCAL, cluster.env(NP="2")),
-    }[script]
+    path, env = _one_job(cluster, script)
     proc = run_script(path, {**env, "LAUNCHER": "mpirun", "MPIRUN": str(cluster.launcher), "PYTHON": "python",
                              "FAKE_EXIT": "0"})
     assert proc.returncode == 0, proc.stderr
