@@ -30,9 +30,9 @@ RANKS_PER_HOST_ENV = "HVD_MEGDET_RANKS_PER_HOST"
 # user has not set in the environment. Each entry says why and what it measured (README: Tuning).
 HOROVOD_DEFAULTS: dict[str, str] = {
     # ms between the background thread's cycles (Horovod: 1). Each CGBN collective is synchronous and
-    # waits for a cycle: 2 ranks measured ~0.33 ms per collective at 0.1 against ~1.08 ms at 1, i.e.
-    # ~35 instead of ~115 ms per ResNet-50 step (benchmarks/bench_collectives.py). Below 0.1 it no
-    # longer falls (~0.3 ms floor), and 0 makes the thread spin, which costs tens of ms on busy cores.
+    # waits for a cycle: 2 ranks measured ~0.32 ms per collective at 0.1 against ~1.10 ms at 1, i.e.
+    # ~35 instead of ~120 ms per ResNet-50 step (benchmarks/bench_collectives.py). Below 0.1 it no
+    # longer falls (~0.3 ms floor), and 0 makes the thread spin: 4 ms on 2 idle cores, 22 on busy ones.
     "HOROVOD_CYCLE_TIME": "0.1",
 }
 # Applied only where a GPU computes: there the host cores are idle and the cycle's latency is what
