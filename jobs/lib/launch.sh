@@ -406,6 +406,8 @@ _megdet_stop() {
         printf '%s\n' "$ranks" >"$sent"
         # shellcheck disable=SC2086  # one PID per word
         kill -TERM $ranks 2>/dev/null || true
+    elif [[ -f $sent ]]; then
+        return 0  # the ranks stopped on an earlier request; the launcher is ending by itself
     else
         # No rank is running yet, so there is nothing to save: stop the launcher and all below it.
         [[ -f $MEGDET_STATE/early ]] || megdet_log "$why: no rank has started yet; stopping the launcher"

@@ -198,6 +198,8 @@ for rank in 0 1; do
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+echo "launcher ranks done" >> "$TREE_EVENTS"
+sleep "${TREE_LINGER:-0}"  # mpirun winding down after its ranks
 exit "$rc"
 """
 
@@ -227,8 +229,9 @@ def _tree_job(cluster, tmp_path, kind):
     return env, events
 
 
-# Both ranks got the TERM; their DataLoader workers did not (they end with their rank).
-STOPPED = ["rank0 TERM", "rank0 up", "rank1 TERM", "rank1 up", "worker0 up", "worker1 up"]
+# Both ranks got the TERM, their DataLoader workers did not (they end with their rank), and the
+# launcher ended by itself once its ranks had (a TERM to it would show as "launcher TERM").
+STOPPED = sorted(["rank0 up", "rank0 TERM", "rank1 up", "rank1 TERM", "worker0 up", "worker1 up", "launcher ranks done"])
 
 
 def _events(path):
@@ -283,6 +286,20 @@ def test_scancel_signal_term_reaches_the_ranks_through_the_guard_step(cluster, t
     rc, err = _finish_proc(proc)
     assert _events(events) == STOPPED, err
     assert rc == 143
+
+
+def test_a_request_after_the_ranks_stopped_leaves_the_launcher_alone(cluster, tmp_path):
+    # A second TERM (Slurm's after the USR1's requeue, the guard's) may come when the ranks have saved
+    # and exited while the launcher winds down: that is not "no rank has started yet".
+    env, events = _tree_job(cluster, tmp_path, "mpirun")
+    proc = _start(SBATCH, {**env, "TREE_LINGER": "3"})
+    _wait(lambda: _up(events), "the ranks and their workers")
+    os.kill(proc.pid, signal.SIGTERM)
+    _wait(lambda: "launcher ranks done" in _events(events), "the ranks to stop")
+    os.kill(proc.pid, signal.SIGTERM)
+    rc, err = _finish_proc(proc)
+    assert _events(events) == STOPPED, err
+    assert rc == 143 and "no rank has started" not in err, err
 
 
 @pytest.mark.parametrize("attempt", range(3))  # the old launch.sh failed about 4 times in 5
