@@ -22,8 +22,8 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 
 # 8, 16 and 32 ranks as simulated hosts of 8 on this machine: CGBN groups, gradients, sampler coverage,
-# a 32-rank checkpoint resumed at 32; start-up, step time and memory per rank. ~25 min on 2 cores,
-# ~15 GB of memory at 32 ranks: not part of `make test`.
+# a 32-rank checkpoint resumed at 32; start-up, step time and memory per rank. ~11 min on 2 idle cores,
+# ~13 GB of memory at 32 ranks: not part of `make test`.
 .PHONY: rehearse
 rehearse: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/rehearse_scale.py
