@@ -30,7 +30,7 @@ rehearse: setup
 
 # The files an offline GPU node lacks (Horovod sdist, Open MPI, pycocotools and cffi wheels for its
 # Python 3.12), downloaded here into .gpu_carry/ (~11 MB): carry or copy it there, then run
-# `bash scripts/gpu_env.sh` on the node (README: offline GPU nodes).
+# `bash scripts/gpu_env.sh` on the node (docs/offline_gpu_nodes.md).
 .PHONY: gpu-carry
 gpu-carry:
 	bash scripts/gpu_env.sh carry

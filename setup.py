@@ -39,12 +39,12 @@ setup(
     entry_points={
         "console_scripts": [
             "hvd-megdet-train=hvd_megdet.train:main",
-            "hvd-megdet-eval=hvd_megdet.evaluate:main",
+            "hvd-megdet-eval=hvd_megdet.tools.evaluate:main",
             "hvd-megdet-prep=data_prep.cli:main",
-            "hvd-megdet-predict=hvd_megdet.predict:main",
-            "hvd-megdet-export=hvd_megdet.export:main",
-            "hvd-megdet-report=hvd_megdet.report:main",
-            "hvd-megdet-plan=hvd_megdet.plan:main",
+            "hvd-megdet-predict=hvd_megdet.tools.predict:main",
+            "hvd-megdet-export=hvd_megdet.tools.export:main",
+            "hvd-megdet-report=hvd_megdet.tools.report:main",
+            "hvd-megdet-plan=hvd_megdet.tools.plan:main",
         ]
     },
 )

@@ -104,9 +104,9 @@ def test_harness_reports_the_failing_rank_instead_of_hanging():
         run_ranks("tests.test_comm:_failing_worker", np=2, timeout=60)
 
 
-# ------------------------------------------------------------------ shipped settings (README: Tuning)
-# What benchmarks/bench_collectives.py and bench_cgbn.py chose (README: Tuning): a change here is a
-# change of measured behaviour, so it has to be made on purpose.
+# ------------------------------------------------------------------ shipped settings (docs/benchmarks.md)
+# What benchmarks/bench_collectives.py and bench_cgbn.py chose (docs/benchmarks.md, docs/design.md:
+# Horovod settings): a change here is a change of measured behaviour, so it has to be made on purpose.
 SHIPPED = {"HOROVOD_CYCLE_TIME": "0.1"}
 
 

@@ -1,6 +1,6 @@
 """The CUDA paths, on a GPU; every test here is skipped where torch sees no CUDA device.
 
-    python -m pytest -q -rs tests/test_cuda.py        # on a GPU node (README: CUDA tests)
+    python -m pytest -q -rs tests/test_cuda.py        # on a GPU node (docs/offline_gpu_nodes.md: CUDA tests)
 
 CGBN on CUDA tensors is checked against float64 ``F.batch_norm`` on the CPU (the reference and data
 of tests/test_cgbn_amp.py), in fp32 with TF32 off and on, and under fp16 and bf16 autocast; through
@@ -25,7 +25,7 @@ from tests.mpirun import run_ranks
 from tests.test_cgbn_amp import SHAPES, _assert_matches, _data, _reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device visible: run on a GPU node (README: CUDA tests)")
+                                reason="no CUDA device visible: run on a GPU node (docs/offline_gpu_nodes.md)")
 
 NUM_CLASSES = 81  # COCO's 80 + background, as the benchmark and the paper
 # (amp dtype, input dtype): fp32 is the first layer's input; a 16-bit input is what a convolution

@@ -1,4 +1,4 @@
-"""hvd_megdet.evaluate (the command): a short training run beats a floor a random model cannot reach."""
+"""hvd_megdet.tools.evaluate (the command): a short training run beats a floor a random model cannot reach."""
 import json
 import os
 import subprocess
@@ -25,7 +25,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _evaluate(ckpt: Path, shards: Path, out: Path) -> dict:
-    _run("hvd_megdet.evaluate", "--config", "configs/demo_cpu.yaml", "--checkpoint", str(ckpt),
+    _run("hvd_megdet.tools.evaluate", "--config", "configs/demo_cpu.yaml", "--checkpoint", str(ckpt),
          "--data", str(shards), "--output", str(out), "--set", *SETS)
     return json.loads((out / "metrics.json").read_text())
 

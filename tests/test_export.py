@@ -1,4 +1,4 @@
-"""hvd_megdet.export: the README's lines rebuild, without hvd_megdet, the detector hvd_megdet trained."""
+"""hvd_megdet.tools.export: the documented lines rebuild, without hvd_megdet, the detector hvd_megdet trained."""
 import os
 import subprocess
 import sys
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvd_megdet import export
+from hvd_megdet.tools import export
 from hvd_megdet.data import ShardedCocoDataset
-from hvd_megdet.predict import load_detector
+from hvd_megdet.tools.predict import load_detector
 from tests.test_predict import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def test_readme_lines_rebuild_the_same_detector(mode, tiny_train_shards, tmp_pat
     gen = torch.Generator().manual_seed(5)
     images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 120, 90, generator=gen)]
     torch.save(images, tmp_path / "images.pt")
-    # Exactly the README's lines, in a fresh interpreter that cannot import hvd_megdet.
+    # Exactly the lines docs/after_training.md shows, in a fresh interpreter that cannot import hvd_megdet.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", NO_HVD_MEGDET + export.LOAD_SNIPPET + COMPARE], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
@@ -97,5 +97,5 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys):
 
 
 def test_readme_shows_the_tested_lines():
-    """README.md carries LOAD_SNIPPET verbatim, so the lines people copy are the lines tested above."""
-    assert f"```python\n{export.LOAD_SNIPPET}```" in (ROOT / "README.md").read_text()
+    """docs/after_training.md carries LOAD_SNIPPET verbatim, so the lines people copy are the lines tested above."""
+    assert f"```python\n{export.LOAD_SNIPPET}```" in (ROOT / "docs" / "after_training.md").read_text()

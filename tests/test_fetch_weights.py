@@ -1,4 +1,4 @@
-"""hvd_megdet.fetch_weights, offline: local files and file:// URLs stand in for download.pytorch.org."""
+"""hvd_megdet.tools.fetch_weights, offline: local files and file:// URLs stand in for download.pytorch.org."""
 import hashlib
 import os
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hvd_megdet import fetch_weights
+from hvd_megdet.tools import fetch_weights
 from hvd_megdet.config import ModelConfig
 from hvd_megdet.comm import DistContext
 from hvd_megdet.model import build_model
@@ -90,7 +90,7 @@ def test_training_without_the_file_names_this_command(tmp_path):
     cfg = ModelConfig(backbone="resnet18", backbone_weights=str(tmp_path / "pretrained" / "resnet18-f37072fd.pth"))
     with pytest.raises(FileNotFoundError) as err:
         build_model(cfg, DistContext(), num_classes=3, min_size=64, max_size=96)
-    assert f"python -m hvd_megdet.fetch_weights --out {tmp_path / 'pretrained'}" in str(err.value)
+    assert f"python -m hvd_megdet.tools.fetch_weights --out {tmp_path / 'pretrained'}" in str(err.value)
 
 
 def test_a_fetched_file_is_what_model_backbone_weights_loads(tmp_path):

@@ -1,4 +1,4 @@
-"""hvd_megdet.predict: detections drawn and written as COCO results, on 1 process and split over 2 ranks."""
+"""hvd_megdet.tools.predict: detections drawn and written as COCO results, on 1 process and split over 2 ranks."""
 import io
 import json
 import os
@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from hvd_megdet import predict
+from hvd_megdet.tools import predict
 from hvd_megdet.comm import DistContext
 from hvd_megdet.config import load_config, to_dict
 from hvd_megdet.data import ShardedCocoDataset
@@ -56,7 +56,7 @@ def trained(tiny_train_shards, tmp_path_factory) -> Path:
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hvd_megdet.predict", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hvd_megdet.tools.predict", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 

@@ -1,4 +1,4 @@
-"""hvd_megdet.report: the Table 3 row computed from a run's log, and figures that are real PNGs."""
+"""hvd_megdet.tools.report and report_runs: the Table 3 row computed from a run's log, and PNG figures."""
 import json
 import math
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from hvd_megdet import report
+from hvd_megdet.tools import report, report_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 NAN = float("nan")
@@ -70,18 +70,18 @@ def other_run(tmp_path) -> Path:
 
 
 def test_segments_and_hours_of_a_resumed_run(resumed_run):
-    run = report.load_run(resumed_run)
+    run = report_runs.load_run(resumed_run)
     assert run.segments == [(1000.0, 1600.0), (5000.0, 5310.0)]
     assert run.hours == pytest.approx((600 + 310) / 3600, rel=1e-12)
-    assert report.hours_at(run.segments, 1500.0) == pytest.approx(500 / 3600)
-    assert report.hours_at(run.segments, 3000.0) == pytest.approx(600 / 3600)  # between the launches
+    assert report_runs.hours_at(run.segments, 1500.0) == pytest.approx(500 / 3600)
+    assert report_runs.hours_at(run.segments, 3000.0) == pytest.approx(600 / 3600)  # between the launches
     assert [(e["epoch"], e["hours"]) for e in run.evals] == [(2, pytest.approx(500 / 3600)),
                                                              (3, pytest.approx(900 / 3600))]
     assert [r["loss"] for r in run.train] == [3.0, 2.0, 1.5, 1.2, 1.1, 1.0]  # iteration 10: the later record
 
 
 def test_row_values(resumed_run):
-    row = report.summarize(report.load_run(resumed_run))
+    row = report.summarize(report_runs.load_run(resumed_run))
     assert (row["global_batch"], row["bn_size"], row["ranks"], row["policy"]) == (8, 4, 2, "normal")
     assert {k: row[k] for k in EVAL3} == EVAL3 and row["eval_epoch"] == 3
     assert row["img_per_s"] == 35.0  # median of 10, 20, 30, 40, 50, 60 (the lost record left out)
@@ -148,7 +148,7 @@ def test_cli_names_a_directory_without_a_log(tmp_path, capsys):
 
 def test_epoch_means_without_epoch_fields_use_iters_per_epoch():
     records = [{"iter": 1, "r": 1.0}, {"iter": 4, "r": 3.0}, {"iter": 5, "r": 10.0}, {"iter": 6, "r": math.inf}]
-    assert report.epoch_means(records, "r", iters_per_epoch=4) == {1: 2.0, 2: 10.0}
+    assert report_runs.epoch_means(records, "r", iters_per_epoch=4) == {1: 2.0, 2: 10.0}
 
 
 def test_report_of_a_real_training_run(tiny_train_shards, tmp_path):
@@ -157,7 +157,7 @@ def test_report_of_a_real_training_run(tiny_train_shards, tmp_path):
     subprocess.run([sys.executable, "-m", "hvd_megdet.train", "--config", "configs/smoke_cpu.yaml", "--set",
                     f"data.train_path={tiny_train_shards}", f"train.output_dir={out}"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
-    row = report.summarize(report.load_run(out))
+    row = report.summarize(report_runs.load_run(out))
     start = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if '"start"' in l][-1]
     assert (row["global_batch"], row["ranks"], row["policy"]) == (start["global_batch"], 1, "normal")
     assert row["epochs_trained"] == pytest.approx(2 / start["iters_per_epoch"])

@@ -39,14 +39,14 @@ else
 fi
 
 # What a person looks at afterwards: the trained detector's boxes on the validation images, then the
-# paper's table and figures for this run (hvd_megdet.report; training writes the same at its end).
+# paper's table and figures for this run (hvd_megdet.tools.report; training writes the same at its end).
 CKPT=$(ls "$OUT"/checkpoints/ckpt_*.pt 2>/dev/null | tail -n 1 || true)
 if [[ -n $CKPT ]]; then
     echo
     echo "[demo] detections of $CKPT on $DATA/shards/val"
-    "$PY" -m hvd_megdet.predict --checkpoint "$CKPT" --shards "$DATA/shards/val" --out "$OUT/predictions" \
+    "$PY" -m hvd_megdet.tools.predict --checkpoint "$CKPT" --shards "$DATA/shards/val" --out "$OUT/predictions" \
         --score-thresh 0.5 --device cpu
 fi
 echo
-echo "[demo] report: $PY -m hvd_megdet.report $OUT"
-"$PY" -m hvd_megdet.report "$OUT" --out "$OUT/report"
+echo "[demo] report: $PY -m hvd_megdet.tools.report $OUT"
+"$PY" -m hvd_megdet.tools.report "$OUT" --out "$OUT/report"

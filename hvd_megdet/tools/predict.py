@@ -1,9 +1,9 @@
 """Draw a trained detector's detections on images, and write them as COCO results.
 
-    python -m hvd_megdet.predict --checkpoint runs/demo/checkpoints/ckpt_00000132.pt \\
+    python -m hvd_megdet.tools.predict --checkpoint runs/demo/checkpoints/ckpt_00000132.pt \\
         --shards data/synthetic/shards/val --out runs/demo/predictions
-    python -m hvd_megdet.predict --checkpoint C --images photos/ extra.jpg --out predictions --score-thresh 0.3
-    horovodrun -np 8 -H node1:8 python -m hvd_megdet.predict --checkpoint C --shards data/coco/shards/val2017 \\
+    python -m hvd_megdet.tools.predict --checkpoint C --images photos/ extra.jpg --out predictions --score-thresh 0.3
+    horovodrun -np 8 -H node1:8 python -m hvd_megdet.tools.predict --checkpoint C --shards data/coco/shards/val2017 \\
         --out predictions --device cuda --batch-size 4
 
 Writes to ``--out``: ``images/<name>.jpg`` (or ``--format png``), each image with its detections of

@@ -1,6 +1,6 @@
 """Export a trained checkpoint as one file that plain torchvision rebuilds, without hvd_megdet.
 
-    python -m hvd_megdet.export --checkpoint runs/demo/checkpoints/ckpt_00000132.pt --out model.pt
+    python -m hvd_megdet.tools.export --checkpoint runs/demo/checkpoints/ckpt_00000132.pt --out model.pt
 
 The file is a dict that ``torch.load(path, weights_only=True)`` reads (tensors, strings, numbers,
 lists and dicts only): "model" (the state dict), "backbone" (resnet18/34/50/101), "fpn_in_channels",
@@ -12,7 +12,7 @@ Norm layers: whatever the run trained with (frozen BN, per-rank BN, CGBN), a det
 normalises with each layer's weight, bias and running statistics. Those four tensors are what is
 exported, under torchvision's key names, and :data:`LOAD_SNIPPET` puts them into torchvision's
 ``FrozenBatchNorm2d``, which computes exactly eval-mode BN. ``num_batches_tracked`` (training-only
-bookkeeping) is left out, so the state dict loads strictly. The README shows LOAD_SNIPPET, and
+bookkeeping) is left out, so the state dict loads strictly. docs/after_training.md shows LOAD_SNIPPET, and
 tests/test_export.py runs exactly it, with hvd_megdet made unimportable, and compares the rebuilt
 model's detections with hvd_megdet's.
 """
@@ -28,11 +28,11 @@ import torch
 from hvd_megdet.config import to_dict
 from hvd_megdet.errors import UserError
 from hvd_megdet.fileio import atomic_path
-from hvd_megdet.predict import Detector, load_detector
+from hvd_megdet.tools.predict import Detector, load_detector
 
 FORMAT = "hvd_megdet.export/1"
 
-# The README's lines: a torchvision FasterRCNN from an exported file, with nothing of hvd_megdet.
+# The lines docs/after_training.md shows: a torchvision FasterRCNN from an exported file, with nothing of hvd_megdet.
 LOAD_SNIPPET = """\
 import torch
 import torchvision

@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on COCO with every rank: mmAP / mmAR exactly as pycocotools computes them.
 
-    horovodrun -np 8 -H node1:8 python -m hvd_megdet.evaluate --config configs/megdet_bs16_bn16.yaml \\
+    horovodrun -np 8 -H node1:8 python -m hvd_megdet.tools.evaluate --config configs/megdet_bs16_bn16.yaml \\
         --checkpoint runs/megdet_bs16_bn16/checkpoints/ckpt_00080000.pt
-    python -m hvd_megdet.evaluate --config configs/demo_cpu.yaml --checkpoint runs/demo/checkpoints/ckpt_00000132.pt
+    python -m hvd_megdet.tools.evaluate --config configs/demo_cpu.yaml --checkpoint runs/demo/checkpoints/ckpt_00000132.pt
 
 The ground truth is rebuilt from the shards (``--data``, default ``data.val_path``); ``--annotations``
 scores against a COCO json instead. Writes detections.json and metrics.json to ``--output``.

@@ -1,8 +1,8 @@
 """Fetch torchvision's ImageNet ResNet weights for ``model.backbone_weights`` (on a machine with internet).
 
-    python -m hvd_megdet.fetch_weights                      # ResNet-50 into data/pretrained/
-    python -m hvd_megdet.fetch_weights --arch all --out /shared/pretrained
-    python -m hvd_megdet.fetch_weights --url https://mirror.example.org/models/resnet50-0676ba61.pth
+    python -m hvd_megdet.tools.fetch_weights                      # ResNet-50 into data/pretrained/
+    python -m hvd_megdet.tools.fetch_weights --arch all --out /shared/pretrained
+    python -m hvd_megdet.tools.fetch_weights --url https://mirror.example.org/models/resnet50-0676ba61.pth
 
 Compute nodes usually have no internet, and the Table 3 configs expect
 ``data/pretrained/resnet50-0676ba61.pth``: run this on a login node (or anywhere, then copy the
