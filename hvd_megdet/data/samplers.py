@@ -81,12 +81,22 @@ def aspect_groups(aspect_ratios: Sequence[float]) -> list[int]:
 
 
 def group_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of one aspect group each, in the order they fill up.
+    """Every index exactly once, in ``len(indices) // batch_size`` batches, most of one aspect group.
 
-    Always returns ``len(indices) // batch_size`` batches (so equal-length samplers give equal batch
-    counts on every rank): when the part-filled buffers hold enough samples for one more batch, the
-    fuller buffer is completed with other samples of its group from this pass.
+    The count is what :func:`hvd_megdet.lr_schedule.iters_per_epoch` counts, so equal-length samplers
+    give every rank the same number of batches (Horovod ranks must run the same number of steps).
+
+    * Batches of one group come first, in the order they fill up.
+    * The leftovers of the two groups (fewer than ``batch_size`` each) follow in mixed batches:
+      landscape leftovers, then portrait, each in the order drawn.
+    * When ``len(indices)`` is not a multiple of ``batch_size``, the ``r`` indices that fill no batch
+      go one each into the last ``r`` batches, which then hold ``batch_size + 1`` images (more only
+      when there are fewer than ``r`` batches). A smaller extra batch would change the step count and
+      a padded one would repeat images; one image more in a few batches does neither.
     """
+    num_batches = len(indices) // batch_size
+    if num_batches < 1:
+        raise ValueError(f"{len(indices)} indices fill no batch of {batch_size}")
     buffers: dict[int, list[int]] = {LANDSCAPE: [], PORTRAIT: []}
     batches = []
     for i in indices:
@@ -95,13 +105,12 @@ def group_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int
         if len(buffer) == batch_size:
             batches.append(buffer.copy())
             buffer.clear()
-    if len(batches) < len(indices) // batch_size:  # at most one batch short: each buffer < batch_size
-        group = max(buffers, key=lambda g: (len(buffers[g]), -g))
-        partial = buffers[group]
-        in_partial = set(partial)
-        others = [i for i in indices if groups[i] == group and i not in in_partial] or partial
-        fill = (others * math.ceil(batch_size / len(others)))[:batch_size - len(partial)]
-        batches.append(partial + fill)
+    leftovers = buffers[LANDSCAPE] + buffers[PORTRAIT]  # fewer than 2 * batch_size
+    while len(batches) < num_batches:
+        batches.append(leftovers[:batch_size])
+        leftovers = leftovers[batch_size:]
+    for k, i in enumerate(reversed(leftovers)):  # fewer than batch_size: the share's remainder
+        batches[-1 - k % num_batches].append(i)
     return batches
 
 
@@ -144,9 +153,11 @@ class DistributedShardSampler(Sampler[int]):
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
-    """Batches whose images are all landscape or all portrait (less padding inside a batch).
+    """Batches whose images are all landscape or all portrait (less padding inside a batch), but for
+    the mixed few at the epoch's end that take each group's leftovers (see :func:`group_batches`).
 
-    Deterministic given the sampler's order; ``len`` is ``len(sampler) // batch_size`` on every rank.
+    Every index of the sampler's epoch is yielded exactly once. Deterministic given the sampler's
+    order; ``len`` is ``len(sampler) // batch_size`` on every rank.
 
     Args:
         sampler: a :class:`DistributedShardSampler` (or any sampler; resuming needs a deterministic one).

@@ -33,9 +33,10 @@ def test_two_workers_deliver_exactly_the_sampled_items(packed_dir: Path):
     expected = batch_sampler.batches()
     got = list(loader)
     assert len(got) == len(expected) == len(batch_sampler) == 7  # 30 images, 2 ranks, batches of 2
-    for (images, targets), indices in zip(got, expected):
+    for k, ((images, targets), indices) in enumerate(zip(got, expected)):
         assert [int(t["image_id"]) for t in targets] == [ds.image_ids[i] for i in indices]
-        assert len({img.shape[1] >= img.shape[2] for img in images}) == 1  # one aspect group per batch
+        if k < len(expected) - 2:  # one aspect group per batch but for the epoch's mixed last two:
+            assert len({img.shape[1] >= img.shape[2] for img in images}) == 1  # leftovers, then the remainder
         for image, target, i in zip(images, targets, indices):
             ref_image, ref_target = ds[i]  # eval transforms are deterministic
             assert torch.equal(image, ref_image)

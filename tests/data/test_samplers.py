@@ -1,13 +1,14 @@
-"""Sampler properties for every rank of 2- and 4-rank worlds (pure functions, no processes)."""
+"""Sampler properties for every rank of worlds of 1 to 8 ranks (pure functions, no processes)."""
 from __future__ import annotations
 
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
-
 import torch
 
+from hvd_megdet import lr_schedule
 from hvd_megdet.data import DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset, shard_indices
 from hvd_megdet.data.samplers import LANDSCAPE, PORTRAIT, aspect_groups, epoch_order, group_batches
 
@@ -86,17 +87,21 @@ def test_sampler_iterates_its_share_of_each_epoch(shard_shuffle):
     assert list(s) == shard_indices(30, 1, 4, 3, 3, shard_sizes=ds.shard_sizes if shard_shuffle else None)
 
 
-def test_group_batches_pure_and_complete():
+def test_group_batches_pure_and_exactly_once():
     groups = [LANDSCAPE, PORTRAIT, LANDSCAPE, LANDSCAPE, PORTRAIT, LANDSCAPE, PORTRAIT, LANDSCAPE, LANDSCAPE]
     order = [8, 1, 0, 4, 2, 3, 6, 5, 7]
-    assert group_batches(order, groups, 2) == [[8, 0], [1, 4], [2, 3], [5, 7]]
     assert group_batches(order, groups, 3) == [[8, 0, 2], [1, 4, 6], [3, 5, 7]]
-    # One full landscape batch; the fuller leftover buffer (3 portraits) is completed by repeating a
-    # portrait (this pass has no other).
-    assert group_batches(order, groups, 4) == [[8, 0, 2, 3], [1, 4, 6, 1]]
-    # Equal leftovers (2 and 2): landscape is completed with an earlier landscape sample of the pass.
-    assert group_batches([0, 2, 3, 5, 7, 1, 4], groups, 3) == [[0, 2, 3], [5, 7, 0]]
+    # 9 = 4 x 2 + 1: the portrait left over (6) joins the last batch rather than being dropped.
+    assert group_batches(order, groups, 2) == [[8, 0], [1, 4], [2, 3], [5, 7, 6]]
+    # One full landscape batch; the leftovers (landscape 5, 7 then portrait 1, 4, 6) make one mixed
+    # batch, and the ninth image joins it. The old code repeated portrait 1 and never showed 5 and 7.
+    assert group_batches(order, groups, 4) == [[8, 0, 2, 3], [5, 7, 1, 4, 6]]
+    assert group_batches([0, 2, 3, 5, 7, 1, 4], groups, 3) == [[0, 2, 3], [5, 7, 1, 4]]
+    # A remainder of r goes one image each into the last r batches.
+    assert group_batches([0, 2, 3, 5, 7, 8, 1, 4], groups, 3) == [[0, 2, 3, 1], [5, 7, 8, 4]]
     assert aspect_groups([1.5, 1.0, 0.75]) == [LANDSCAPE, LANDSCAPE, PORTRAIT]
+    with pytest.raises(ValueError, match="fill no batch"):
+        group_batches([0, 1], groups, 3)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -110,12 +115,53 @@ def test_grouped_batches_same_count_on_every_rank_and_pure(world):
         batches = list(gb)
         counts.append(len(batches))
         assert len(batches) == len(gb) == len(s) // 3
-        assert all(len(b) == 3 and len({ratios[i] >= 1 for i in b}) == 1 for b in batches)
         assert batches == list(gb)  # deterministic
-        mine = Counter(s.indices())
-        used = Counter(i for b in batches for i in b)
-        assert sum((mine - used).values()) < 2 * 3  # only leftovers that fill no batch are unused
+        assert Counter(i for b in batches for i in b) == Counter(s.indices())  # the whole share, once
+        # Group batches first; only the last few (leftovers, the share's remainder) may mix.
+        remainder = len(s) % 3
+        assert all(len(b) == 3 and len({ratios[i] >= 1 for i in b}) == 1 for b in batches[:-1 - remainder])
+        assert [len(b) for b in batches[len(batches) - remainder:]] == [4] * remainder
     assert len(set(counts)) == 1
+
+
+def _uneven_ratios(n: int) -> list[float]:
+    """About 70% landscape and 30% portrait, in no pattern a shuffle could line up with."""
+    rng = np.random.default_rng(n)
+    return [1.33 if x < 0.7 else 0.75 for x in rng.random(n)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("shard_shuffle", [False, True])
+def test_grouped_epoch_yields_every_image_exactly_once(world, batch_size, shard_shuffle):
+    # Over all ranks an epoch holds every image once, plus the DistributedShardSampler's padding: its
+    # ceil(n / W) * W - n repeats of the start of the epoch order, so that shares are equal. Nothing
+    # else is repeated or left out, whatever the groups' sizes, and every rank has the same count.
+    for n in (24, 37, 61, 101):
+        per_rank = math.ceil(n / world)
+        if per_rank < batch_size:
+            continue
+        ds, ratios = _DS(n, shard_size=8), _uneven_ratios(n)
+        for epoch in (0, 3):
+            ranks_batches = []
+            for r in range(world):
+                gb = GroupedBatchSampler(DistributedShardSampler(ds, r, world, seed=7, shard_shuffle=shard_shuffle),
+                                         ratios, batch_size)
+                gb.set_epoch(epoch)
+                ranks_batches.append(list(gb))
+            seen = Counter(i for batches in ranks_batches for b in batches for i in b)
+            order = epoch_order(n, 7, epoch, shard_sizes=ds.shard_sizes if shard_shuffle else None)
+            padding = Counter(order[:per_rank * world - n])
+            assert seen == Counter(range(n)) + padding, (n, epoch, "missing", Counter(range(n)) + padding - seen,
+                                                         "extra", seen - Counter(range(n)) - padding)
+            assert [len(batches) for batches in ranks_batches] == [per_rank // batch_size] * world, (n, epoch)
+            assert per_rank // batch_size == lr_schedule.iters_per_epoch(n, batch_size, world)
+            # The share's remainder adds one image to each of the last batches (wrapping round only in a
+            # share of fewer batches than that); every other batch holds batch_size images.
+            remainder = per_rank % batch_size
+            for batches in ranks_batches:
+                assert sum(len(b) > batch_size for b in batches) == min(remainder, len(batches))
+                assert max(len(b) for b in batches) <= batch_size + math.ceil(remainder / len(batches))
 
 
 def test_grouped_batch_sampler_resumes_at_the_next_batch():
