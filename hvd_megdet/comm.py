@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without Hor
 RANKS_PER_HOST_ENV = "HVD_MEGDET_RANKS_PER_HOST"
 
 # Horovod settings this package ships, applied by :func:`init` before ``hvd.init`` to every key the
-# user has not set in the environment. Each entry says why and what it measured (README: Tuning).
+# user has not set in the environment. Each entry says why and what it measured (docs/design.md).
 HOROVOD_DEFAULTS: dict[str, str] = {
     # ms between the background thread's cycles (Horovod: 1). Each CGBN collective is synchronous and
     # waits for a cycle: 2 ranks measured ~0.32 ms per collective at 0.1 against ~1.10 ms at 1, i.e.
@@ -65,6 +65,8 @@ class DistContext:
         bn_ranks: the global ranks whose images share BN statistics with this rank (CGBN group).
         bn_process_set: the Horovod process set of ``bn_ranks``; None when the group is this rank
             alone or Horovod is not running (CGBN then communicates nothing).
+        bn_groups, hostnames: every CGBN group (rank lists, in order) and every rank's hostname, so
+            that rank 0 can log each group's size (hosts with unequal ranks have unequal BN sizes).
         horovod: True when Horovod was initialised (collectives really communicate).
     """
 
@@ -78,6 +80,8 @@ class DistContext:
     bn_ranks: tuple[int, ...] = (0,)
     bn_process_set: Any = field(default=None, compare=False)
     horovod: bool = False
+    bn_groups: tuple[tuple[int, ...], ...] = ((0,),)
+    hostnames: tuple[str, ...] = ("",)
 
     @property
     def is_main(self) -> bool:
@@ -141,6 +145,7 @@ def _context_from_groups(rank: int, hostnames: Sequence[str], bn_groups: list[li
         host_rank=host_ranks[host_index].index(rank), host_size=len(host_ranks[host_index]),
         device_index=device_index, host_index=host_index, num_hosts=len(host_ranks),
         bn_ranks=bn_ranks, bn_process_set=process_sets.get(bn_ranks), horovod=horovod,
+        bn_groups=tuple(tuple(g) for g in bn_groups), hostnames=tuple(hostnames),
     )
 
 

@@ -42,6 +42,7 @@ class ModelConfig:
     backbone_weights: str = ""    # torchvision-format ResNet state dict on disk ("" = random init)
     trainable_layers: int = 5     # ResNet stages trained (5 = all); frozen stages use frozen BN
     sublinear_memory: bool = False  # activation checkpointing of every bottleneck block
+    box_batch_size_per_image: int = 512  # RoIs sampled per image for the box head (paper, torchvision: 512)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """A rank was asked to stop (SIGTERM); every rank saved a checkpoint and stopped at one iteration."""
+    """A rank was asked to stop; every rank saved a checkpoint and stopped at one iteration.
+    ``signalled``: some rank got SIGTERM (not only the stop file), the same on every rank."""
+
+    def __init__(self, message: str, signalled: bool = True):
+        super().__init__(message)
+        self.signalled = signalled
 
 
 def any_rank(flag: bool, ctx: DistContext, name: str) -> bool:

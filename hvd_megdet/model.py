@@ -56,7 +56,7 @@ def load_backbone_weights(resnet: nn.Module, path: str) -> None:
     if not file.is_file():
         raise FileNotFoundError(
             f"model.backbone_weights: no such file {path}; on a machine with internet, "
-            f"`python -m hvd_megdet.fetch_weights --out {file.parent}` fetches torchvision's ImageNet ResNet-50 "
+            f"`python -m hvd_megdet.tools.fetch_weights --out {file.parent}` fetches torchvision's ImageNet ResNet-50 "
             f"(--arch resnet18/34/101 the others; copy the directory to nodes without internet), or set "
             f"model.backbone_weights=\"\" to start from random weights")
     try:
@@ -140,7 +140,7 @@ def build_model(cfg: ModelConfig, dist: DistContext, num_classes: int, *,
         box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
                                       norm_layer=head_norm)
     model = FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                       box_head=box_head)
+                       box_head=box_head, box_batch_size_per_image=cfg.box_batch_size_per_image)
     _name_collectives(model)
     return model
 

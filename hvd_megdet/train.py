@@ -17,12 +17,12 @@ import logging
 import math
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import torch
 
-from hvd_megdet import checkpoint, comm, engine, errors, lr_schedule, report, watchdog
+from hvd_megdet import checkpoint, comm, engine, errors, lr_schedule, watchdog
+from hvd_megdet.tools import report
 from hvd_megdet.config import Config, SolverConfig, load_or_exit, save_config, to_dict
 from hvd_megdet.data import (DistributedShardSampler, EpochTagged, GroupedBatchSampler, SeededDataset,
                              ShardedCocoDataset, build_transforms, collate_fn)
@@ -30,6 +30,7 @@ from hvd_megdet.evaluation import evaluate
 from hvd_megdet.fileio import atomic_write_text
 from hvd_megdet.metrics import MetricLogger, setup_console_logging
 from hvd_megdet.model import build_model, count_norm_layers
+from hvd_megdet.stop import StopRequest
 
 log = logging.getLogger("hvd_megdet.train")
 FINISHED = "finished.json"  # written by rank 0 once the whole budget is trained (and evaluated)
@@ -63,22 +64,19 @@ def bn_size(cfg: Config, ctx: comm.DistContext) -> int:
             "cgbn": cfg.data.images_per_rank * len(ctx.bn_ranks)}[cfg.model.norm]
 
 
+def bn_groups(cfg: Config, ctx: comm.DistContext) -> list[dict]:
+    """Each CGBN group's host, ranks and BN size, for the log. Hosts with unequal rank counts train
+    with unequal BN sizes (each host's images are normalised together, as in the paper); rank 0 warns."""
+    if cfg.model.norm != "cgbn":
+        return []
+    return [{"host": ctx.hostnames[g[0]], "ranks": len(g), "bn_size": cfg.data.images_per_rank * len(g)}
+            for g in ctx.bn_groups]
+
+
 def _ignore_sigterm(worker_id: int) -> None:
     # A launcher may signal the whole process group: only the trainer decides when to stop, and a
     # worker that died of the signal would turn a clean preemption into a crash. Workers end with it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def sigterm_flag():
-    """Within the block, SIGTERM (preemption, requeue, time limit, ^C through mpirun) sets the
-    returned event instead of killing the process; the previous handler comes back afterwards."""
-    requested = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -171,9 +169,15 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
     logger = MetricLogger(out, ctx.is_main, progress=cfg.train.progress, tensorboard=cfg.train.tensorboard)
     if ctx.is_main:
         save_config(cfg, out / "config.yaml")
+    groups = bn_groups(cfg, ctx)
+    if ctx.is_main and len({g["bn_size"] for g in groups}) > 1:
+        log.warning("BN size differs between hosts: %s. CGBN normalises each host's images together; for one "
+                    "BN size give every host the same number of ranks, or set model.bn_group_size to a divisor "
+                    "of every host's ranks", ", ".join(f"{g['host']} {g['ranks']} rank{'s' * (g['ranks'] > 1)} "
+                                                      f"(BN size {g['bn_size']})" for g in groups))
     logger.log("start", {
         "world_size": ctx.size, "hosts": ctx.num_hosts, "global_batch": global_batch,
-        "bn_size": bn_size(cfg, ctx), "base_lr": s.base_lr,
+        "bn_size": bn_size(cfg, ctx), "bn_groups": groups, "base_lr": s.base_lr,
         "scaled_lr": lr_schedule.scaled_lr(global_batch, s.base_lr, s.base_batch),
         "warmup_iters": s.warmup_iters, "iters_per_epoch": iters_per_epoch, "total_iters": total,
         "start_iter": progress.iteration, "images": len(dataset), "device": str(device),
@@ -212,15 +216,26 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
     # it: Horovod's own stall check cannot see it (see watchdog).
     stall = watchdog.Watchdog(ctx.rank, cfg.train.stall_timeout_s, status_dir=out / "status",
                               world_size=ctx.size, dump_stacks=debug)
-    with sigterm_flag() as stop_requested, stall, _workers_shut_down(loader):
+    def stop_here(stop: StopRequest, saved: bool = False) -> engine.Preempted:
+        # dist(world): who was asked and how, gathered so that rank 0 records every rank's stop in the
+        # log (a launcher aborting the job may lose the ranks' own output lines, never this record).
+        ranks = comm.allgather_object(stop.how(), ctx, name="stop.how")
+        if not saved:
+            save()
+        logger.log("stop", {"iter": progress.iteration, "epoch": progress.epoch, "ranks": ranks})
+        stop.honoured()
+        return engine.Preempted(f"stopped on request after iteration {progress.iteration}; "
+                                f"rerun with the same train.output_dir to resume",
+                                signalled=any(r["signalled"] for r in ranks))
+
+    # Rank 0 looks for the STOP file (written by the batch shell; see hvd_megdet.stop).
+    with StopRequest(out, watch_file=ctx.is_main) as stop, stall, _workers_shut_down(loader):
         batches = watchdog.watched(loader, stall)  # beats before and after every batch
         for epoch in range(progress.epoch, math.ceil(total / iters_per_epoch)):
             for _ in engine.train_one_epoch(model, optimizer, scaler, batches, progress, settings, ctx, logger):
-                # dist(world): every rank learns whether any rank was signalled, so all stop together.
-                if engine.any_rank(stop_requested.is_set(), ctx, "stop"):
-                    save()
-                    raise engine.Preempted(f"stopped on request after iteration {progress.iteration}; "
-                                           f"rerun with the same train.output_dir to resume")
+                # dist(world): every rank learns whether any rank was asked to stop, so all stop together.
+                if engine.any_rank(stop.requested(), ctx, "stop"):
+                    raise stop_here(stop)
                 if progress.iteration % cfg.train.checkpoint_every == 0 and progress.batches_done < epoch_batches:
                     saved_at = save()
             if progress.batches_done < epoch_batches:
@@ -235,9 +250,8 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
                 evaluate_now(f"eval_epoch{epoch + 1:02d}")
             progress.next_epoch()
             saved_at = save()
-            if engine.any_rank(stop_requested.is_set(), ctx, "stop"):  # signalled during evaluation
-                raise engine.Preempted(f"stopped on request after iteration {progress.iteration} (epoch {epoch + 1} "
-                                       f"done); rerun with the same train.output_dir to resume")
+            if engine.any_rank(stop.requested(), ctx, "stop"):  # asked during evaluation
+                raise stop_here(stop, saved=True)
     if saved_at != progress.iteration:
         saved_at = save()  # stopped inside an epoch (train.max_iters): keep the final state
     summary = {"output_dir": str(out), "iterations": progress.iteration, "epoch": progress.epoch,
@@ -248,7 +262,7 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
             paths = report.write_report([out], out / "report")
             log.info("report: %s", paths.markdown)
         except Exception as err:  # noqa: BLE001 (matplotlib, a full disk, a log without records...)
-            log.warning("could not write the report (%s: %s); run python -m hvd_megdet.report %s later",
+            log.warning("could not write the report (%s: %s); run python -m hvd_megdet.tools.report %s later",
                         type(err).__name__, err, out)
     logger.close()
     return summary
@@ -267,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except engine.Preempted as err:
         log.warning("rank %d: %s", ctx.rank, err)
         comm.barrier(ctx)  # leave together
-        return 143  # 128 + SIGTERM, as if the signal had ended the process
+        # 128 + SIGTERM, as if the signal had ended the process. A stop asked through the STOP file
+        # alone ends with 0 on every rank: mpirun answers any non-zero exit by aborting the job, which
+        # sits out odls_base_sigkill_timeout twice (minutes with the job scripts' STOP_GRACE) before it
+        # lets the job script requeue. The job script, which wrote the file, reports 143 itself.
+        return 143 if err.signalled else 0
     except Exception as err:
         errors.end_rank(err, ctx.rank, debug=args.debug)  # a bad shard, checkpoint or disk: one line, exit 1
         raise  # anything else is a bug: the full traceback

@@ -176,21 +176,24 @@ def diagnose(statuses: dict[int, dict[str, Any] | None], now: float, stale_s: fl
     missing = sorted(r for r, s in statuses.items() if s is None)
     parts = []
     if silent:
-        parts.append("stalled: " + ", ".join(f"rank {r} (no sign of life for {age:.0f} s: stopped, dead, or hung "
-                                             f"in the kernel)" for r, age in sorted(silent.items())))
+        parts.append("stalled: " + ", ".join(f"rank {r} on {statuses[r].get('host', '?')} (no sign of life for "
+                                             f"{age:.0f} s: stopped, dead, or hung in the kernel; a lost host?)"
+                                             for r, age in sorted(silent.items())))
     alive = {r: s for r, s in statuses.items() if s is not None and r not in silent}
     if not silent and alive:
         fewest = min(s["batches"] for s in alive.values())
         if fewest < max(s["batches"] for s in alive.values()):
             behind = sorted(r for r, s in alive.items() if s["batches"] == fewest)
-            parts.append("stalled: " + ", ".join(f"rank {r} (behind the others, waiting on: "
-                                                 f"{alive[r]['waiting_on']})" for r in behind))
+            parts.append("stalled: " + ", ".join(f"rank {r} on {alive[r].get('host', '?')} (behind the others, "
+                                                 f"waiting on: {alive[r]['waiting_on']})" for r in behind))
     if missing:
         parts.append(f"no status from rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
                      f"(not started, or the status directory is not shared or readable)")
     if not parts:
+        hosts = sorted({s.get("host", "?") for s in alive.values()})
         parts.append("every rank is alive at the same batch (a collective some ranks never joined? "
-                     "Horovod's stall warning lists the ranks missing from it)")
+                     "Horovod's stall warning lists the ranks missing from it"
+                     + (f"; or the network between hosts {', '.join(hosts)} is cut)" if len(hosts) > 1 else ")"))
     return "; ".join(parts)
 
 

@@ -1,5 +1,8 @@
 """Shared fixtures: a small synthetic COCO split packed into shards by the real data_prep commands."""
+import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -25,3 +28,29 @@ def make_synthetic_shards(out: Path, images: int, size: str, seed: int, split: s
 def tiny_train_shards(tmp_path_factory) -> Path:
     """16 images of 128x96 (some portrait), 5 classes with non-contiguous COCO ids."""
     return make_synthetic_shards(tmp_path_factory.mktemp("tiny_train"), 16, "128x96", seed=3)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two hosts of tests/cluster.py (node01, node02: network namespaces with their own hostname and
+    address, sshd, slurmd; slurmctld and munged on node01), one for the whole test session, stopped by
+    PID afterwards. Skipped, with the reason, only where namespaces cannot be made (not root); on CI,
+    which runs as root, a cluster that cannot start fails the tests that need it."""
+    from tests.cluster import Cluster, ClusterError, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"no test cluster on CI: {reason}", pytrace=False)
+        pytest.skip(f"no test cluster here: {reason}")
+    # Under /tmp, not pytest's 0700 temporary directory: munged wants its socket's directories open.
+    root = Path(tempfile.mkdtemp(prefix="megdet-cluster-"))
+    hosts = Cluster(root, 2)
+    try:
+        hosts.start()
+    except ClusterError as err:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"the test cluster did not start: {err}", pytrace=False)
+    yield hosts
+    hosts.stop()
+    shutil.rmtree(root, ignore_errors=True)

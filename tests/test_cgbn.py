@@ -44,8 +44,8 @@ def _params() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------- worker
-def _cgbn_worker(cases):
-    ctx = comm.init()
+def _cgbn_worker(cases, ctx=None):
+    ctx = ctx or comm.init()
     out = {}
     for case in cases:
         x, g = _inputs(case, ctx.rank)
@@ -97,14 +97,20 @@ TOLERANCES = {"uneven": (1e-5, 1e-5), "empty": (1e-5, 1e-5), "large_mean": (2e-3
 
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_matches_float64_bn_on_concatenated_group(four_rank_results, case):
+    assert_matches_float64_bn(four_rank_results, case, GROUPS)
+
+
+def assert_matches_float64_bn(results: list[dict], case: str, groups: list[list[int]]) -> None:
+    """Each rank's CGBN output, gradients and running statistics (``_cgbn_worker``) against float64 BN
+    on the concatenation of its group's inputs; also used with real hosts (tests/jobs/test_hosts.py)."""
     stats_tol, tol = TOLERANCES[case]
-    for group in GROUPS:
+    for group in groups:
         ref = _reference(case, group)
-        dw_sum = sum(four_rank_results[r]["cases"][case]["dw"].double() for r in group)
-        db_sum = sum(four_rank_results[r]["cases"][case]["db"].double() for r in group)
+        dw_sum = sum(results[r]["cases"][case]["dw"].double() for r in group)
+        db_sum = sum(results[r]["cases"][case]["db"].double() for r in group)
         for r in group:
-            got = four_rank_results[r]["cases"][case]
-            assert four_rank_results[r]["bn_ranks"] == tuple(group)
+            got = results[r]["cases"][case]
+            assert results[r]["bn_ranks"] == tuple(group)
             assert got["y"].shape == ref["y"][r].shape
             assert got["dtype"] == ("torch.bfloat16" if case == "bf16" else "torch.float32")
             torch.testing.assert_close(got["y"].double(), ref["y"][r], atol=tol, rtol=tol)
@@ -112,8 +118,8 @@ def test_matches_float64_bn_on_concatenated_group(four_rank_results, case):
             # Running stats: identical on every rank of the group, equal to the reference update.
             torch.testing.assert_close(got["rm"].double(), ref["rm"], atol=stats_tol, rtol=1e-5)
             torch.testing.assert_close(got["rv"].double(), ref["rv"], atol=stats_tol, rtol=1e-5)
-            assert torch.equal(got["rm"], four_rank_results[group[0]]["cases"][case]["rm"])
-            assert torch.equal(got["rv"], four_rank_results[group[0]]["cases"][case]["rv"])
+            assert torch.equal(got["rm"], results[group[0]]["cases"][case]["rm"])
+            assert torch.equal(got["rv"], results[group[0]]["cases"][case]["rv"])
         grad_tol = tol * 20 if case == "bf16" else tol
         torch.testing.assert_close(dw_sum, ref["dw"], atol=grad_tol, rtol=grad_tol)
         torch.testing.assert_close(db_sum, ref["db"], atol=grad_tol, rtol=grad_tol)

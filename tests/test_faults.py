@@ -104,8 +104,8 @@ def test_watched_loader_beats_around_every_batch_and_is_the_loader_otherwise():
     assert watchdog.watched(loader, watchdog.Watchdog(0, 0)) is loader  # timeout 0: no watchdog at all
 
 
-def _status(rank: int, alive_at: float, batches: int, waiting_on: str) -> dict:
-    return {"rank": rank, "alive_at": alive_at, "batches": batches, "waiting_on": waiting_on}
+def _status(rank: int, alive_at: float, batches: int, waiting_on: str, host: str = "node01") -> dict:
+    return {"rank": rank, "host": host, "alive_at": alive_at, "batches": batches, "waiting_on": waiting_on}
 
 
 def test_diagnose_names_the_silent_rank_or_the_one_behind():
@@ -113,13 +113,18 @@ def test_diagnose_names_the_silent_rank_or_the_one_behind():
     step, data = "the training step on batch 9", "batch 9 from the DataLoader workers"
     silent = {0: _status(0, now, 9, step), 1: _status(1, now - 41, 9, step), 2: _status(2, now - 1, 9, step)}
     assert watchdog.diagnose(silent, now, stale_s=5) == \
-        "stalled: rank 1 (no sign of life for 41 s: stopped, dead, or hung in the kernel)"
+        "stalled: rank 1 on node01 (no sign of life for 41 s: stopped, dead, or hung in the kernel; a lost host?)"
     behind = {0: _status(0, now, 9, step), 1: _status(1, now, 8, data), 2: None}
     assert watchdog.diagnose(behind, now, stale_s=5) == \
-        ("stalled: rank 1 (behind the others, waiting on: batch 9 from the DataLoader workers); "
+        ("stalled: rank 1 on node01 (behind the others, waiting on: batch 9 from the DataLoader workers); "
          "no status from rank 2 (not started, or the status directory is not shared or readable)")
     same = {0: _status(0, now, 9, step), 1: _status(1, now, 9, step)}
-    assert watchdog.diagnose(same, now, stale_s=5).startswith("every rank is alive at the same batch")
+    assert watchdog.diagnose(same, now, stale_s=5) == (
+        "every rank is alive at the same batch (a collective some ranks never joined? Horovod's stall warning "
+        "lists the ranks missing from it)")
+    # Two hosts, all alive and waiting in the same step: a cut network looks like this (tests/jobs/test_hosts.py).
+    cut = {0: _status(0, now, 9, step), 1: _status(1, now, 9, step, host="node02")}
+    assert watchdog.diagnose(cut, now, stale_s=5).endswith("; or the network between hosts node01, node02 is cut)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,8 +212,8 @@ def test_stopped_rank_ends_every_rank_naming_it(tmp_path):
         code, out, seconds = _end(proc)
         assert code != 0
         line = re.search(r"^error: rank 0: no progress for \d+ s \(waiting on: the training step on batch \d+ of "
-                         r"the run \(forward, backward, allreduce\)\); stalled: rank 1 \(no sign of life for \d+ s: "
-                         r"stopped, dead, or hung in the kernel\); ending this rank \(train.stall_timeout_s=4\)$",
+                         r"the run \(forward, backward, allreduce\)\); stalled: rank 1 on \S+ \(no sign of life for \d+ s: "
+                         r"stopped, dead, or hung in the kernel; a lost host\?\); ending this rank \(train.stall_timeout_s=4\)$",
                          out, re.M)
         assert line, out
         assert "Traceback" not in out

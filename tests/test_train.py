@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from hvd_megdet import checkpoint, comm, train
+from hvd_megdet import checkpoint, comm, stop, train
 from hvd_megdet.config import ModelConfig
 from hvd_megdet.metrics import read_log
 from hvd_megdet.model import build_model
@@ -197,6 +198,41 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_train_shards, tmp
                            env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {saved[0]} at iteration {stopped_at}" in again.stderr
+
+
+def _stop_file_worker(shards, out):
+    return train.main(["--set", f"data.train_path={shards}", f"train.output_dir={out}", "train.max_iters=40",
+                       "train.checkpoint_every=1000", "data.num_workers=0", *SMALL])
+
+
+def test_the_stop_file_stops_every_rank_at_one_iteration_with_exit_0(tiny_train_shards, tmp_path):
+    # What a job script does on a requeue, a time limit or qdel (jobs/lib/launch.sh): write OUTPUT_DIR/STOP.
+    out = tmp_path / "run"
+    log = out / "log.jsonl"
+
+    def request_after_the_first_step():
+        deadline = time.time() + 600
+        while time.time() < deadline and not (log.exists() and read_log(log, "train")):
+            time.sleep(0.05)
+        stop.request_stop(out, "TERM")
+
+    requester = threading.Thread(target=request_after_the_first_step, daemon=True)
+    requester.start()
+    # Exit 0 on every rank, not 143: mpirun would abort the job on a non-zero exit and sit out
+    # odls_base_sigkill_timeout before ending (the job script reports 143 itself).
+    assert run_ranks("tests.test_train:_stop_file_worker", np=2, args=(str(tiny_train_shards), str(out)),
+                     timeout=600) == [0, 0]
+    saved = checkpoint.list_checkpoints(out)
+    assert len(saved) == 1
+    it = checkpoint.load_checkpoint(saved[0])["progress"]["iteration"]
+    (record,) = read_log(log, "stop")
+    assert record["iter"] == it and 1 <= it < 40
+    # Rank 0 saw the file, nobody was signalled; the record names every rank, written before any exit.
+    assert [(r["file"], r["signalled"]) for r in record["ranks"]] == [(True, False), (False, False)]
+    assert not (out / stop.STOP_FILE).exists()  # consumed: the rerun does not stop at once
+    assert not (out / train.FINISHED).exists()
+    assert run_ranks("tests.test_train:_short_run_worker", np=2, args=(str(tiny_train_shards), str(out), it + 1)) == [0, 0]
+    assert read_log(log, "start")[-1]["start_iter"] == it and (out / train.FINISHED).exists()
 
 
 def _workers_left_worker(shards, val, out):

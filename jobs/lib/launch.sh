@@ -292,7 +292,7 @@ megdet_check_output_dir() {
     [[ -f $finished ]] || return 0
     if [[ ${EXTEND:-0} == 1 ]]; then
         megdet_log "EXTEND=1: continuing the finished run in $MEGDET_OUTPUT_DIR"
-    elif [[ ${SLURM_RESTART_COUNT:-0} != 0 ]]; then
+    elif [[ ${SLURM_RESTART_COUNT:-0} != 0 ]] || megdet_pbs_rerun; then
         megdet_log "$MEGDET_OUTPUT_DIR finished in an earlier run of this job ($finished): nothing to do"
         exit 0
     else
@@ -323,132 +323,92 @@ megdet_check_software() {
 # ---------------------------------------------------------------------------------------------------
 # Running: print (dry run) or execute, passing a stop request on to the ranks
 # ---------------------------------------------------------------------------------------------------
-# train.py stops on SIGTERM: every rank learns through an allreduce that one of them was signalled,
-# they save one checkpoint at the same iteration and exit with 143 (DataLoader workers ignore TERM and
-# end with their rank). The TERM must reach a rank, and nothing may kill the ranks while they save.
-# Slurm (22.05, proctrack/cgroup; tests/jobs/test_slurm.py) sends a requeue's, a time limit's or a
-# plain `scancel`'s SIGTERM to this batch shell only, not to what it started, and SIGKILL to
-# everything KillWait later; `scancel --signal=TERM` reaches the job steps only, never this shell.
-# Passing the TERM on to the launcher does not work:
-#   horovodrun  has become `sh -c "mpirun ..."`: the TERM ends sh; mpirun and the ranks never see it;
-#   mpirun      answers a TERM by killing its ranks: SIGCONT, odls_base_sigkill_timeout seconds, then
-#               SIGTERM and SIGKILL; a rank writing its checkpoint dies;
-# and Open MPI puts each rank in a process group of its own, so signalling this job's process group
-# misses them. So the TERM goes to the ranks themselves. Under srun they are the tasks of a job step,
-# on every node, and `scancel --signal=TERM JOB` signals them. Otherwise they are found below the
-# launcher on this node, and the allreduce brings the ranks of the other nodes along.
-
-# "PID PPID" of every process below ROOT (from ps, so that the whole tree is seen at once).
-megdet_descendants() {
-    ps -e -o pid= -o ppid= | awk -v root="$1" '
-        { parent[$1] = $2 }
-        END {
-            for (p in parent) {
-                q = parent[p]
-                while (q != root && (q in parent) && q > 1) q = parent[q]
-                if (q == root) print p, parent[p]
-            }
-        }'
+# A stop request (requeue, time limit, preemption, scancel, qdel, Ctrl-C) becomes the file
+# OUTPUT_DIR/STOP. Rank 0 looks for it before every step, on the shared file system that holds the
+# checkpoints; through the per-step allreduce every rank on every node learns of it, they save one
+# checkpoint at the same iteration and exit 143, and a rerun resumes from it (hvd_megdet/stop.py).
+# A file needs no process tree and no launcher in between, so it works the same for horovodrun,
+# mpirun and srun, on one node or many, under Slurm and PBS. Ranks that a scheduler signals itself
+# (Slurm's job steps, PBS's job processes) stop on that SIGTERM too: the same stop, by two roads.
+#
+# What must not happen is a launcher killing the ranks while they save. Open MPI's daemons (the
+# `orted` that mpirun starts on the other nodes, as a Slurm job step or over ssh) answer a TERM, or a
+# cancelled step, by killing their ranks: SIGCONT, odls_base_sigkill_timeout seconds, then SIGTERM and
+# SIGKILL (default 1 s: a 2-node requeue lost every checkpoint). The delay below gives the ranks that
+# long to finish their step and save; the scheduler's own SIGKILL (Slurm's KillWait, PBS's
+# kill_delay) still bounds it.
+# On one machine (local) nothing cancels the ranks' daemons: Open MPI's own 1 s stands.
+megdet_stop_grace() {
+    local grace=120
+    if [[ ${1:-} == pbs ]]; then grace=$(megdet_pbs_stop_grace); fi
+    if [[ ${1:-} == local && -z ${STOP_GRACE:-} ]]; then return 0; fi
+    export OMPI_MCA_odls_base_sigkill_timeout=${STOP_GRACE:-$grace}
 }
 
-# Is PID a trainer, `PYTHON -m hvd_megdet.train ...`? Its own argv, so neither a launcher whose
-# arguments name the module (mpirun, horovodrun) nor a `sh -c "..."` wrapper (Horovod's Gloo) counts.
-_megdet_is_trainer() {
-    local head
-    head=$(tr '\0' '\n' 2>/dev/null <"/proc/$1/cmdline" | sed -n '2,3p' | tr '\n' ' ')
-    [[ $head == "-m hvd_megdet.train " ]]
+# --- PBS (issue 20) ---------------------------------------------------------------------------------
+# PBS sends qdel's, qrerun's and preemption's TERM to every process of the job on its first host,
+# mpirun included, and SIGKILL kill_delay later (a queue attribute, 10 s unless set). mpirun and its
+# daemons then sit out the grace twice with their event loop stopped (the ranks save, but cannot
+# finalize) before killing the ranks; the daemons on the other hosts, which PBS does not know of (no
+# tm support), end about 4 x the grace after the TERM. Half of kill_delay gives the ranks all the time
+# PBS gives them, and leaves nothing running much longer than 2 x kill_delay (with 120 s: 8 minutes).
+megdet_pbs_stop_grace() {
+    local delay
+    delay=$("${QSTAT:-qstat}" -Qf "${PBS_QUEUE:-}" 2>/dev/null | awk '$1 == "kill_delay" { print $3 }') || delay=""
+    [[ $delay =~ ^[0-9]+$ ]] || delay=10
+    echo $((delay / 2 > 0 ? delay / 2 : 1))
 }
 
-# Has PID exited without being reaped? A rank that has just stopped is such a zombie for a moment;
-# its command line is empty then, and its DataLoader workers are not ranks.
-_megdet_is_zombie() {
-    local stat
-    stat=$(cat 2>/dev/null "/proc/$1/stat") || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} == Z ]]
+# A rerun PBS job (qrerun, preemption, a failed node) has no run count in its environment: the job
+# notes its id in OUTPUT_DIR before training (megdet_main), and finding its own id there means that
+# this run is a rerun of the job that trained into it.
+megdet_pbs_rerun() {
+    local noted=""
+    [[ -n ${PBS_JOBID:-} && -f $MEGDET_OUTPUT_DIR/pbs_job_id ]] || return 1
+    noted=$(<"$MEGDET_OUTPUT_DIR/pbs_job_id")
+    [[ $noted == "$PBS_JOBID" ]]
 }
+# --- end PBS -----------------------------------------------------------------------------------------
 
-# The ranks below ROOT on this node: trainer processes whose parent is not one (their DataLoader
-# workers are forked trainers). Prints nothing until the ranks have started.
-megdet_local_ranks() {
-    local pid ppid
-    while read -r pid ppid; do
-        if _megdet_is_trainer "$pid" && ! _megdet_is_trainer "$ppid" && ! _megdet_is_zombie "$ppid"; then
-            printf '%s\n' "$pid"
-        fi
-    done < <(megdet_descendants "$1")
-}
-
-# While the traps below are set, this shell expands no $( ) and no <( ): bash 5.2 (5.2.15 on Debian 12)
-# corrupts its parser when a trap is taken during such an expansion, and the trap then fails with
-# "trap: line 2: unexpected EOF while looking for matching `)'" (a requeue's TERM landing in the USR1
-# handler's own $( ) lost a stop that way; tests/jobs/test_job_checks.py). So a trap only notes the
-# request, and megdet_run acts on it in a subshell: traps are reset there, and this shell takes the
-# next trap only once the subshell has ended.
-_megdet_note() { MEGDET_REQUESTS+=("$1"); }
-
-# The stop, in the subshell. State that must outlive it is a file in MEGDET_STATE: "sent" (the PIDs
-# signalled, or "srun"), "early" (the launcher was stopped before any rank started).
-_megdet_stop() {
-    local why=$1 sent=$MEGDET_STATE/sent
-    if [[ $MEGDET_LAUNCHER == srun ]]; then
-        echo srun >"$sent"
-        megdet_log "$why: SIGTERM to the ranks (the steps of job ${SLURM_JOB_ID:-?}); they save a checkpoint and exit"
-        "${SCANCEL:-scancel}" --signal=TERM "${SLURM_JOB_ID:-}" || megdet_log "warning: scancel --signal=TERM ${SLURM_JOB_ID:-} failed"
+# The traps below only write the file and set variables, and while they are set this shell expands
+# no $( ) and never waits in `wait`: bash 5.2 (Debian 12) corrupts a trap taken during a $( )
+# ("trap: line 2: unexpected EOF while looking for matching `)'") and can abandon one taken inside
+# `wait` when another signal follows at once (tests/jobs/test_job_checks.py sends such bursts).
+megdet_request_stop() {
+    local why=$1
+    if [[ $why == INT && -n $MEGDET_STOP_WHY ]]; then
+        megdet_log "INT again: stopping the launcher now, without a checkpoint"
+        kill -TERM "$MEGDET_CHILD" 2>/dev/null
         return 0
     fi
-    local ranks
-    ranks=$(megdet_local_ranks "$MEGDET_CHILD" | tr '\n' ' ')
-    if [[ -n ${ranks// /} ]]; then
-        # A second request (the guard step passes on Slurm's TERM too) is sent again but not logged.
-        [[ -f $sent && $(<"$sent") == "$ranks" ]] ||
-            megdet_log "$why: SIGTERM to the ranks on $(hostname -s) (PIDs ${ranks% }); they save a checkpoint at the same iteration and exit"
-        printf '%s\n' "$ranks" >"$sent"
-        # shellcheck disable=SC2086  # one PID per word
-        kill -TERM $ranks 2>/dev/null || true
-    elif [[ -f $sent ]]; then
-        return 0  # the ranks stopped on an earlier request; the launcher is ending by itself
-    else
-        # No rank is running yet, so there is nothing to save: stop the launcher and all below it.
-        [[ -f $MEGDET_STATE/early ]] || megdet_log "$why: no rank has started yet; stopping the launcher"
-        : >"$MEGDET_STATE/early"
-        local pids
-        pids=$(megdet_descendants "$MEGDET_CHILD" | cut -d' ' -f1 | tr '\n' ' ')
-        # shellcheck disable=SC2086
-        kill -TERM "$MEGDET_CHILD" $pids 2>/dev/null || true
+    [[ $why == USR1 ]] && MEGDET_REQUEUE=1
+    # Written whole, then renamed: rank 0 never reads half a file.
+    if ! { printf '%s\n' "$why" >"$MEGDET_STOP_FILE.tmp" && mv -f "$MEGDET_STOP_FILE.tmp" "$MEGDET_STOP_FILE"; }; then
+        megdet_log "warning: could not write $MEGDET_STOP_FILE"
     fi
+    [[ -n $MEGDET_STOP_WHY ]] ||
+        megdet_log "$why: stop requested ($MEGDET_STOP_FILE): every rank saves a checkpoint at the same iteration and exits"
+    MEGDET_STOP_WHY=$why
 }
 
-# Slurm sends USR1 (--signal=B:USR1@SECONDS) before the time limit; requeueing puts the same job id
-# back in the queue, and train.py resumes from the latest checkpoint in OUTPUT_DIR.
-_megdet_requeue() {
+# Slurm sends USR1 (--signal=B:USR1@SECONDS) before the time limit: once the ranks have saved and the
+# launcher has ended (no step is cancelled under ranks that are saving), the job is requeued under
+# the same id and the next run resumes from the checkpoint.
+megdet_requeue() {
     local restarts=${SLURM_RESTART_COUNT:-0}
-    if ((restarts >= ${MAX_REQUEUES:-20})); then
+    if [[ -f $MEGDET_OUTPUT_DIR/finished.json ]]; then
+        megdet_log "USR1: training finished meanwhile, not requeueing"
+    elif ((restarts >= ${MAX_REQUEUES:-20})); then
         megdet_log "USR1: job already restarted $restarts times (MAX_REQUEUES), not requeueing"
     else
-        megdet_log "USR1: time limit or preemption ahead, requeueing job ${SLURM_JOB_ID:-?} (restart $((restarts + 1)))"
+        megdet_log "USR1: requeueing job ${SLURM_JOB_ID:-?} (restart $((restarts + 1)))"
         "${SCONTROL:-scontrol}" requeue "${SLURM_JOB_ID:?}" || megdet_log "warning: scontrol requeue failed"
     fi
 }
 
-# The requests noted since the last call (TERM, INT, USR1), acted on in a subshell; repeated requests
-# are harmless: the trainer only sets a flag. Slurm answers the requeue with a TERM to this shell.
-_megdet_act() {
-    # A trap may append while this runs: take the requests up to a count read once, clear nothing.
-    local count=${#MEGDET_REQUESTS[@]}
-    local requests=("${MEGDET_REQUESTS[@]:MEGDET_ACTED:count-MEGDET_ACTED}")
-    MEGDET_ACTED=$count
-    (
-        # A Ctrl-C reaches the whole foreground process group, this subshell included: finish first.
-        trap '' TERM INT USR1
-        if [[ " ${requests[*]} " == *" USR1 "* ]]; then _megdet_requeue; fi
-        _megdet_stop "${requests[0]}"
-    ) || megdet_log "warning: acting on ${requests[*]} failed"
-}
-
-# `scancel --signal=TERM JOB` signals the job's steps only, never the batch shell or what it started.
-# Under horovodrun/mpirun the ranks are in no step, so a one-task step on this node stands guard: a
-# TERM to it becomes a TERM to this shell, which stops the ranks as above. It ends with the launcher.
+# `scancel --signal=TERM JOB` signals the job's steps only, never the batch shell. Under
+# horovodrun/mpirun on one node the ranks are in no step, so a one-task step stands guard: its TERM
+# becomes a TERM to this shell. It ends with the launcher.
 _megdet_start_stop_guard() {
     local node=$1
     # shellcheck disable=SC2016  # expanded by the guard's shell: $0 this shell, $1 the launcher
@@ -459,66 +419,41 @@ _megdet_start_stop_guard() {
     MEGDET_GUARD=$!
 }
 
-# Wait for PID; a trapped signal interrupts `wait` (status > 128) while PID still runs: wait again.
-# A status > 128 may also be PID's own (143 after a stop); asking again returns it, or 127 from a
-# bash that has already forgotten it.
-_megdet_wait() {
-    local rc again
-    while true; do
-        wait "$1" && rc=0 || rc=$?
-        if ((rc > 128)) && kill -0 "$1" 2>/dev/null; then continue; fi
-        if ((rc > 128)); then
-            wait "$1" && again=0 || again=$?
-            ((again == 127)) || rc=$again
-        fi
-        return "$rc"
-    done
-}
-
-# Run the launcher in the background, so that signals reach our traps while it runs (bash defers
-# traps until a foreground child exits), and act on the requests they note. Returns the launcher's
-# exit status.
+# Run the launcher in the background (bash defers traps while a foreground child runs) and poll it
+# with a foreground sleep; returns the launcher's exit status.
 megdet_run() {
     local scheduler=$1
     shift
-    MEGDET_CHILD="" MEGDET_GUARD="" MEGDET_REQUESTS=() MEGDET_ACTED=0
-    MEGDET_STATE=$(mktemp -d "${TMPDIR:-/tmp}/megdet-launch.XXXXXX") ||
-        megdet_die "cannot create a temporary directory in ${TMPDIR:-/tmp}"
+    MEGDET_CHILD="" MEGDET_GUARD="" MEGDET_STOP_WHY="" MEGDET_REQUEUE=0
+    MEGDET_STOP_FILE=$MEGDET_OUTPUT_DIR/STOP
+    rm -f "$MEGDET_STOP_FILE"  # a request meant for an earlier run of this job
     local node=${SLURMD_NODENAME:-}
     [[ -n $node ]] || node=$(hostname -s)
-    # No $( ) from here until the traps are reset (see _megdet_note).
-    # PBS (qdel, preemption of a `-r y` job) and Slurm send TERM: the ranks save and stop.
-    trap '_megdet_note TERM' TERM
-    # Background children of a non-interactive shell ignore INT, so Ctrl-C becomes TERM for the ranks.
-    trap '_megdet_note INT' INT
-    if [[ $scheduler == slurm ]]; then trap '_megdet_note USR1' USR1; fi
+    # No $( ) from here until the traps are reset.
+    trap 'megdet_request_stop TERM' TERM
+    # Background children of a non-interactive shell ignore INT, so Ctrl-C reaches the ranks as a stop.
+    trap 'megdet_request_stop INT' INT
+    if [[ $scheduler == slurm ]]; then trap 'megdet_request_stop USR1' USR1; fi
     "$@" &
     MEGDET_CHILD=$!
     if [[ $scheduler == slurm && $MEGDET_LAUNCHER != srun ]]; then _megdet_start_stop_guard "$node"; fi
-    # Poll with a sleep in the foreground rather than `wait` for the launcher: bash 5.2 leaves a trap
-    # taken inside `wait` half-run when another signal follows at once (a USR1 lost to the next TERM),
-    # and a request noted just before `wait` began would be acted on only when the launcher ended.
-    # Traps run between commands here, half a second late at most.
-    while kill -0 "$MEGDET_CHILD" 2>/dev/null; do
-        if ((${#MEGDET_REQUESTS[@]} > MEGDET_ACTED)); then _megdet_act; fi
-        sleep 0.5 || true
-    done
-    local rc
-    _megdet_wait "$MEGDET_CHILD" && rc=0 || rc=$?
+    while kill -0 "$MEGDET_CHILD" 2>/dev/null; do sleep 0.5 || true; done
+    # The launcher has ended, so there is nothing left to stop: signals are ignored while `wait` reads
+    # its status (a trap would interrupt `wait` and lose it).
+    trap '' TERM INT USR1
+    local rc=0
+    wait "$MEGDET_CHILD" || rc=$?
     if [[ -n $MEGDET_GUARD ]]; then
-        # The guard sees the launcher gone within a second; one stuck in step creation is killed.
-        local i
-        for ((i = 0; i < 10; i++)); do kill -0 "$MEGDET_GUARD" 2>/dev/null && sleep 0.5; done
         kill -KILL "$MEGDET_GUARD" 2>/dev/null || true
-        _megdet_wait "$MEGDET_GUARD" || true
+        wait "$MEGDET_GUARD" 2>/dev/null || true
     fi
     trap - TERM INT USR1
-    MEGDET_CHILD=""
-    # 143 is train.py's "saved and stopped" (under srun the TERM may have come from scancel directly).
-    if ((rc == 143)) && [[ -f $MEGDET_STATE/sent || $MEGDET_LAUNCHER == srun ]]; then
+    # Ranks stopped through the file alone exit 0 (see hvd_megdet/train.py): unfinished is 143 here.
+    if [[ -n $MEGDET_STOP_WHY && $rc == 0 && ! -f $MEGDET_OUTPUT_DIR/finished.json ]]; then rc=143; fi
+    if ((rc == 143)); then
         megdet_log "training stopped on request with a checkpoint (exit 143): a requeued or resubmitted job with OUTPUT_DIR=$MEGDET_OUTPUT_DIR resumes from it"
     fi
-    rm -rf "$MEGDET_STATE"
+    if ((MEGDET_REQUEUE == 1)); then megdet_requeue; fi
     return "$rc"
 }
 
@@ -542,6 +477,7 @@ megdet_main() {
     if [[ $scheduler == slurm ]]; then megdet_check_slurm_grant; fi
     megdet_check_table3_gpus
     megdet_setup_env
+    megdet_stop_grace "$scheduler"
     megdet_log "$scheduler job: $MEGDET_NNODES node(s) x ranks [${MEGDET_SLOTS[*]}] = $MEGDET_NP ranks;" \
         "config $CONFIG; output $OUTPUT_DIR; OMP_NUM_THREADS=$OMP_NUM_THREADS"
     megdet_effective_output_dir "$@"
@@ -569,6 +505,7 @@ megdet_main() {
         return 0
     fi
     mkdir -p "$MEGDET_OUTPUT_DIR"
+    if [[ $scheduler == pbs && -n ${PBS_JOBID:-} ]]; then printf '%s\n' "$PBS_JOBID" >"$MEGDET_OUTPUT_DIR/pbs_job_id"; fi
     megdet_log "running: $(megdet_quote "${MEGDET_CMD[@]}")"
     megdet_run "$scheduler" "${MEGDET_CMD[@]}"
 }

@@ -42,7 +42,10 @@ exec "$@"
 """
 
 # Stands in for horovodrun/mpirun/srun: records argv and environment, then either exits with
-# $FAKE_EXIT or runs until TERM (recording it), like a launcher whose ranks are training.
+# $FAKE_EXIT or runs like a launcher whose ranks are training: until rank 0 would see the stop file
+# OUTPUT_DIR/STOP (recorded as "STOP <its text>"; the ranks save and exit 0, as after a stop through
+# the file alone, and the launcher lingers $FAKE_LINGER seconds winding down), or until a TERM reaches
+# the launcher itself (recorded as "TERM").
 _LAUNCHER = """#!/bin/bash
 log=$FAKE_LAUNCHER_LOG
 printf '%s\\n' "$@" > "$log.argv"
@@ -50,7 +53,12 @@ env > "$log.env"
 trap 'echo TERM >> "$log.events"; exit 143' TERM
 echo started >> "$log.events"
 [ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"
-while :; do sleep 0.1; done
+for arg in "$@"; do case $arg in train.output_dir=*) stop=${arg#*=}/STOP ;; esac; done
+while [ ! -f "$stop" ]; do sleep 0.05; done
+echo "STOP $(cat "$stop")" >> "$log.events"
+rm -f "$stop"
+sleep "${FAKE_LINGER:-0}"
+exit 0
 """
 
 

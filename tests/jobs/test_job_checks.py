@@ -156,92 +156,11 @@ def test_env_sh_activates_the_repository_venv_unless_one_is_active(tmp_path):
     assert sourced(MEGDET_VENV="") == ["none", "/usr/bin"]
 
 
-# --- which processes a stop request reaches -------------------------------------------------------------
-# A stand-in for `python -m hvd_megdet.train` (found first on PYTHONPATH): forks one "DataLoader worker"
-# that does NOT ignore TERM, so a TERM sent to it shows; the rank itself saves on TERM and exits 143.
-_TRAINER = """
-import os, signal, sys, time
-events = os.environ["TREE_EVENTS"]
-def note(what):
-    with open(events, "a") as f:
-        f.write(what + "\\n")
-rank = os.environ["TREE_RANK"]
-if os.fork() == 0:
-    signal.signal(signal.SIGTERM, lambda *a: (note("worker%s TERM" % rank), os._exit(1)))
-    note("worker%s up" % rank)
-    while os.getppid() != 1:
-        time.sleep(0.05)
-    os._exit(0)
-signal.signal(signal.SIGTERM, lambda *a: (note("rank%s TERM" % rank), sys.exit(143)))
-note("rank%s up" % rank)
-while True:
-    time.sleep(0.05)
-"""
-
-# Stand-ins for the launchers' process trees: mpirun (ranks in process groups of their own, as Open MPI
-# makes them) and horovodrun's Gloo mode (each rank under `sh -c "cd ...; python ..."`).
-_TREE_LAUNCHER = """#!/bin/bash
-trap 'echo "launcher TERM" >> "$TREE_EVENTS"; exit 143' TERM
-shift 4  # -np N -H HOSTS
-[[ $1 == -bind-to ]] && shift 4  # mpirun: -bind-to none -map-by slot (MPIRUN_ARGS is empty)
-while [[ $1 == -x ]]; do shift 2; done
-export PYTHONPATH=$TREE_STUBS
-cd "$TREE_STUBS"  # `python -m` looks in the working directory first, where the checkout would win
-pids=()
-for rank in 0 1; do
-    if [[ $TREE_KIND == gloo ]]; then
-        TREE_RANK=$rank sh -c "cd $TREE_STUBS; trap 'echo sh TERM >> $TREE_EVENTS' TERM; $(printf '%q ' "$@"); exit \\$?" &
-    else
-        TREE_RANK=$rank setsid -w "$@" &
-    fi
-    pids+=($!)
-done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-echo "launcher ranks done" >> "$TREE_EVENTS"
-sleep "${TREE_LINGER:-0}"  # mpirun winding down after its ranks
-exit "$rc"
-"""
-
-
-def _tree(cluster, tmp_path, kind):
-    stubs = tmp_path / "stubs" / "hvd_megdet"
-    stubs.mkdir(parents=True)
-    (stubs / "__init__.py").write_text("")
-    (stubs / "train.py").write_text(_TRAINER)
-    launcher = tmp_path / "tree_launcher"
-    launcher.write_text(_TREE_LAUNCHER)
-    launcher.chmod(0o755)
-    events = tmp_path / "events"
-    env = dict(TREE_EVENTS=str(events), TREE_STUBS=str(stubs.parent), TREE_KIND=kind, PYTHON=sys.executable)
-    return launcher, events, env
-
-
-def _tree_job(cluster, tmp_path, kind):
-    """A one-node Slurm job (2 GPUs) whose launcher starts the stand-in ranks: (environment, events file)."""
-    launcher, events, tree = _tree(cluster, tmp_path, kind)
-    launch = {"LAUNCHER": "mpirun", "MPIRUN": str(launcher)} if kind == "mpirun" else \
-        {"LAUNCHER": "horovodrun", "HOROVODRUN": str(launcher)}
-    env = _slurm_env(cluster, SLURM_GPUS_ON_NODE="2", MPIRUN_ARGS="", **tree, **launch)
-    env["SLURM_JOB_NODELIST"] = "node01"
-    (cluster.bin / "scontrol").write_text('#!/bin/sh\n[ "$1" = show ] && echo node01 && exit 0\n'
-                                          'echo "$*" >> "$FAKE_SCONTROL_LOG"\n')
-    return env, events
-
-
-# Both ranks got the TERM, their DataLoader workers did not (they end with their rank), and the
-# launcher ended by itself once its ranks had (a TERM to it would show as "launcher TERM").
-STOPPED = sorted(["rank0 up", "rank0 TERM", "rank1 up", "rank1 TERM", "worker0 up", "worker1 up", "launcher ranks done"])
-
-
-def _events(path):
-    return sorted(path.read_text().splitlines()) if path.exists() else []
-
-
-def _up(events):
-    return all(e in _events(events) for e in ("rank0 up", "rank1 up", "worker0 up", "worker1 up"))
-
-
+# --- how a stop request reaches the ranks ------------------------------------------------------------
+# The batch shell turns every request into OUTPUT_DIR/STOP (jobs/lib/launch.sh); the stand-in launcher
+# (tests/jobs/_fakes.py) records what it would have done: "STOP <request>" when rank 0 would have seen the
+# file, "TERM" if a signal reached the launcher itself (which must not happen: mpirun would kill the
+# ranks while they save). Real ranks on real hosts: test_slurm.py and test_hosts.py.
 def _wait(predicate, what, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -264,63 +183,80 @@ def _finish_proc(proc):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("kind", ["mpirun", "gloo"])
-def test_term_to_the_batch_shell_reaches_the_ranks_only(cluster, tmp_path, kind):
-    env, events = _tree_job(cluster, tmp_path, kind)
+def _running_job(cluster, **extra):
+    """A 4-node Slurm job under mpirun whose stand-in launcher runs until the stop file appears."""
+    env = _slurm_env(cluster, LAUNCHER="mpirun", MPIRUN=str(cluster.launcher), **extra)
     proc = _start(SBATCH, env)
-    _wait(lambda: _up(events), "the ranks and their workers")
-    os.kill(proc.pid, signal.SIGTERM)  # what Slurm does on requeue, time limit and scancel
+    _wait(lambda: "started" in cluster.launcher_events(), "the launcher to start")
+    return proc
+
+
+@pytest.mark.parametrize("script", ["slurm", "pbs", "local"])
+def test_term_to_the_batch_shell_becomes_the_stop_file(cluster, script):
+    path, env = _one_job(cluster, script)
+    proc = _start(path, {**env, "LAUNCHER": "mpirun", "MPIRUN": str(cluster.launcher)})
+    _wait(lambda: "started" in cluster.launcher_events(), "the launcher to start")
+    os.kill(proc.pid, signal.SIGTERM)  # Slurm's requeue, time limit and scancel; PBS's qdel
     rc, err = _finish_proc(proc)
-    assert _events(events) == STOPPED, err
-    assert rc == 143 and "TERM: SIGTERM to the ranks on" in err and "training stopped on request" in err, err
+    assert cluster.launcher_events() == ["started", "STOP TERM"], err
+    assert rc == 143 and "TERM: stop requested" in err and "training stopped on request" in err, err
+    assert not (cluster.output / "STOP").exists()  # consumed by the ranks
 
 
-def test_scancel_signal_term_reaches_the_ranks_through_the_guard_step(cluster, tmp_path):
-    env, events = _tree_job(cluster, tmp_path, "mpirun")
-    proc = _start(SBATCH, env)
+def test_scancel_signal_term_reaches_the_batch_shell_through_the_guard_step(cluster):
+    proc = _running_job(cluster)
     guard_pid = Path(f"{cluster.srun_log}.pid")
-    _wait(lambda: _up(events) and guard_pid.exists(), "the ranks and the guard step")
+    _wait(lambda: guard_pid.exists(), "the guard step")
     assert "--overlap" in cluster.srun_log.read_text() and "--job-name=megdet-stop-guard" in cluster.srun_log.read_text()
     # `scancel --signal=TERM` signals the job's steps (here: the stand-in srun's guard), not the shell.
     os.kill(int(guard_pid.read_text()), signal.SIGTERM)
     rc, err = _finish_proc(proc)
-    assert _events(events) == STOPPED, err
+    assert cluster.launcher_events() == ["started", "STOP TERM"], err
     assert rc == 143
 
 
-def test_a_request_after_the_ranks_stopped_leaves_the_launcher_alone(cluster, tmp_path):
-    # A second TERM (Slurm's after the USR1's requeue, the guard's) may come when the ranks have saved
-    # and exited while the launcher winds down: that is not "no rank has started yet".
-    env, events = _tree_job(cluster, tmp_path, "mpirun")
-    proc = _start(SBATCH, {**env, "TREE_LINGER": "3"})
-    _wait(lambda: _up(events), "the ranks and their workers")
+def test_a_request_while_the_launcher_winds_down_leaves_it_alone(cluster):
+    # A second TERM (Slurm's after a requeue, the guard's) may come when the ranks have saved and
+    # exited while the launcher winds down: the launcher itself must never be signalled.
+    proc = _running_job(cluster, FAKE_LINGER="3")
     os.kill(proc.pid, signal.SIGTERM)
-    _wait(lambda: "launcher ranks done" in _events(events), "the ranks to stop")
+    _wait(lambda: "STOP TERM" in cluster.launcher_events(), "the ranks to stop")
     os.kill(proc.pid, signal.SIGTERM)
     rc, err = _finish_proc(proc)
-    assert _events(events) == STOPPED, err
-    assert rc == 143 and "no rank has started" not in err, err
+    assert cluster.launcher_events() == ["started", "STOP TERM"], err
+    assert rc == 143 and err.count("stop requested") == 1, err
 
 
-@pytest.mark.parametrize("attempt", range(3))  # the old launch.sh failed about 4 times in 5
-def test_a_stop_survives_signals_arriving_while_the_batch_shell_works(cluster, tmp_path, attempt):
+def test_a_second_ctrl_c_stops_the_launcher_at_once(cluster):
+    path, env = _one_job(cluster, "local")
+    proc = _start(path, {**env, "LAUNCHER": "mpirun", "MPIRUN": str(cluster.launcher), "FAKE_LINGER": "30"})
+    _wait(lambda: "started" in cluster.launcher_events(), "the launcher to start")
+    os.kill(proc.pid, signal.SIGINT)
+    _wait(lambda: "STOP INT" in cluster.launcher_events(), "the ranks to stop")
+    os.kill(proc.pid, signal.SIGINT)  # the user does not want to wait for the launcher
+    rc, err = _finish_proc(proc)
+    assert cluster.launcher_events() == ["started", "STOP INT", "TERM"], err
+    assert "INT again: stopping the launcher now" in err
+
+
+@pytest.mark.parametrize("attempt", range(3))  # the launch.sh of before f1ea45a failed about 4 times in 5
+def test_a_stop_survives_signals_arriving_while_the_batch_shell_works(cluster, attempt):
     # Bash 5.2 corrupts its parser when a trap is taken while it expands a $( ): the trap failed with
     # "trap: line 2: unexpected EOF while looking for matching `)'" and a requeue's stop was lost (CI,
-    # test_slurm.py), or the shell wedged. Slurm's TERM follows the USR1 handler's requeue at once; a
-    # burst of them lands while the batch shell looks for the ranks.
-    env, events = _tree_job(cluster, tmp_path, "mpirun")
-    proc = _start(SBATCH, env)
-    _wait(lambda: _up(events), "the ranks and their workers")
+    # test_slurm.py), or the shell wedged. Slurm's TERM follows a requeue at once; a burst of them lands
+    # while the batch shell works.
+    proc = _running_job(cluster)
     os.kill(proc.pid, signal.SIGUSR1)
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and not {"rank0 TERM", "rank1 TERM"} <= set(_events(events)):
+    while time.monotonic() < deadline and "STOP" not in " ".join(cluster.launcher_events()):
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(0.002)
     rc, err = _finish_proc(proc)
     assert "unexpected EOF" not in err and "syntax error" not in err, err
-    assert _events(events) == STOPPED, err
+    events = cluster.launcher_events()
+    assert events[0] == "started" and events[1] in ("STOP USR1", "STOP TERM") and len(events) == 2, err
     assert cluster.scontrol_log.read_text().splitlines() == ["requeue 4242"], err
-    assert rc == 143 and err.count("SIGTERM to the ranks on") == 1 and "training stopped on request" in err, err
+    assert rc == 143 and err.count("stop requested") == 1 and "training stopped on request" in err, err
 
 
 # --- mpirun as root ------------------------------------------------------------------------------------

@@ -52,17 +52,19 @@ def test_launcher_gets_its_arguments_and_the_hpc_environment(cluster):
     env = cluster.launcher_env()
     assert env["OMP_NUM_THREADS"] == "8"  # 64 CPUs / 8 ranks per node
     assert env["HDF5_USE_FILE_LOCKING"] == "FALSE"
-    # Nothing relies on Open MPI's kill timeout: the ranks get the TERM themselves (test_slurm.py).
-    assert "OMPI_MCA_odls_base_sigkill_timeout" not in env
+    # Open MPI's daemons wait this long before killing ranks that are saving on a stop (STOP_GRACE).
+    assert env["OMPI_MCA_odls_base_sigkill_timeout"] == "120"
     assert env["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
     assert cluster.output.is_dir()
 
 
 def test_user_settings_win_over_defaults(cluster):
-    env = _slurm_env(cluster, FAKE_EXIT="0", THREADS_PER_RANK="3", HDF5_USE_FILE_LOCKING="TRUE", PYTHONPATH="/x")
+    env = _slurm_env(cluster, FAKE_EXIT="0", THREADS_PER_RANK="3", HDF5_USE_FILE_LOCKING="TRUE", PYTHONPATH="/x",
+                     STOP_GRACE="45")
     assert run_script(SBATCH, env).returncode == 0
     got = cluster.launcher_env()
     assert (got["OMP_NUM_THREADS"], got["HDF5_USE_FILE_LOCKING"], got["PYTHONPATH"]) == ("3", "TRUE", f"{REPO_ROOT}:/x")
+    assert got["OMPI_MCA_odls_base_sigkill_timeout"] == "45"
 
 
 def test_launcher_exit_status_is_the_job_exit_status(cluster):
@@ -71,14 +73,19 @@ def test_launcher_exit_status_is_the_job_exit_status(cluster):
     assert cluster.scontrol_log.exists() is False  # a failed run is not requeued
 
 
-def test_slurm_usr1_requeues_the_job_and_stops_the_launcher(cluster):
+def test_slurm_usr1_stops_the_ranks_then_requeues_the_job(cluster):
+    cluster.output.mkdir()
+    (cluster.output / "STOP").write_text("a request meant for an earlier run\n")
     proc = _start(SBATCH, _slurm_env(cluster, SLURM_RESTART_COUNT="2"))
     _wait_for(lambda: "started" in cluster.launcher_events(), "the launcher to start")
     os.kill(proc.pid, signal.SIGUSR1)
     rc, err = _finish(proc)
+    # The stale request was removed before launching; the USR1 became the stop file, which the ranks
+    # (the stand-in) saw; the job was requeued only once they had ended, and the launcher got no TERM.
+    assert cluster.launcher_events() == ["started", "STOP USR1"]
     assert cluster.scontrol_log.read_text().splitlines() == ["requeue 4242"]
-    assert cluster.launcher_events() == ["started", "TERM"]
     assert rc == 143 and "requeueing job 4242 (restart 3)" in err
+    assert err.index("training stopped on request") < err.index("requeueing job")
 
 
 def test_slurm_usr1_past_max_requeues_only_stops(cluster):
@@ -87,15 +94,15 @@ def test_slurm_usr1_past_max_requeues_only_stops(cluster):
     os.kill(proc.pid, signal.SIGUSR1)
     rc, err = _finish(proc)
     assert not cluster.scontrol_log.exists()
-    assert cluster.launcher_events() == ["started", "TERM"] and "not requeueing" in err
+    assert cluster.launcher_events() == ["started", "STOP USR1"] and "not requeueing" in err
 
 
-def test_pbs_term_is_passed_to_the_launcher(cluster):
+def test_pbs_term_becomes_the_stop_file(cluster):
     nodefile = cluster.nodefile(["a", "a"])
     proc = _start(PBS, cluster.env(PBS_NODEFILE=str(nodefile), LAUNCHER="mpirun", MPIRUN=str(cluster.launcher)))
     _wait_for(lambda: "started" in cluster.launcher_events(), "the launcher to start")
     os.kill(proc.pid, signal.SIGTERM)
     rc, _ = _finish(proc)
-    assert cluster.launcher_events() == ["started", "TERM"]
+    assert cluster.launcher_events() == ["started", "STOP TERM"]
     assert rc == 143
     assert cluster.launcher_argv()[:4] == ["-np", "2", "-H", "a:2"]

@@ -1,18 +1,20 @@
-"""jobs/slurm/megdet.sbatch under a real Slurm (tests/jobs/slurm_cluster.py): submitted with sbatch in
-the CPU form jobs/README.md documents, read back through sacct, scontrol and the job log.
+"""jobs/slurm/megdet.sbatch under a real Slurm on the 2-host test cluster (tests/cluster.py): submitted with
+sbatch in the CPU form jobs/README.md documents, 2 nodes x 2 ranks, read back through scontrol, sacct,
+the job log and log.jsonl.
 
-Preemption keeps the work under every launcher, each stopped a different way (the ways share the
-one mechanism in jobs/lib/launch.sh, `_megdet_stop`, which each test reaches by another path):
+Preemption keeps the work on every node under every launcher (horovodrun, mpirun, srun), each stopped
+every way Slurm stops a job, one after the other in one job:
 
-    horovodrun  `scontrol requeue`, then `scancel --signal=TERM` (the guard step) on the requeued run
-    mpirun      the time limit: --time with the template's `--signal=B:USR1@...` (the script requeues)
-    srun        `scancel --signal=TERM` (Slurm signals every process of the step, DataLoader workers
-                too), then a resubmission resumes, finishes, and a third refuses the finished run
+    the time limit   the template's `--signal=B:USR1@180` (the job's limit is shortened while it runs):
+                     the batch shell writes the stop file, and requeues the job once the ranks saved
+    scontrol requeue Slurm's TERM to the batch shell and to every job step (mpirun's remote orted)
+    scancel          the same TERMs, and the job ends
+    resubmission     resumes from the last checkpoint and finishes
 
-Every stop must leave one checkpoint at the iteration the ranks had reached (both ranks name it)
-before Slurm's SIGKILL (KillWait after its TERM), and a next run that resumes from exactly it. The
-training is smoke-sized (configs/smoke_cpu.yaml, 64x96 px, one DataLoader worker per rank) and runs
-until stopped; a test asserts no timing, it prints what it measured (pytest -s shows it).
+Every stop must leave one checkpoint at the same iteration on every rank of both nodes (log.jsonl's
+"stop" record names each rank's host) before Slurm's SIGKILL (KillWait after its TERM), and the next
+run must resume from exactly it. The training is smoke-sized (configs/smoke_cpu.yaml) and runs until
+stopped; a test asserts no timing, it prints what it measured (pytest -s shows it).
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from hvd_megdet.metrics import read_log
+from tests.cluster import KILL_WAIT, LOCAL_SCRATCH
 from tests.jobs._fakes import REPO_ROOT, SBATCH
-from tests.jobs.slurm_cluster import KILL_WAIT
 
-# The CPU form of the submission (jobs/README.md): no GPUs, one core per rank, 2 ranks on the node.
+# The CPU form of the submission (jobs/README.md): no GPUs, one core per rank, 2 ranks per node.
 CPU_FORM = ("--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=2")
 # Smoke-sized training that runs until it is stopped: no periodic checkpoint, a log record per step.
 TRAIN = ("train.max_iters=1000", "train.checkpoint_every=1000", "train.log_every=1", "train.progress=true",
@@ -41,8 +43,8 @@ JOB_TIMEOUT = 600  # seconds for any one event of a job (start-up on a loaded CI
 class Job:
     """One submitted job: its id, log file and OUTPUT_DIR."""
 
-    def __init__(self, slurm, job_id: str, log: Path, out: Path):
-        self.slurm, self.id, self.log, self.out = slurm, job_id, log, out
+    def __init__(self, cluster, job_id: str, log: Path, out: Path):
+        self.cluster, self.id, self.log, self.out = cluster, job_id, log, out
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -61,8 +63,19 @@ class Job:
                 runs[-1].append(r)
         return runs
 
+    def info(self) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, RunTime, ...)."""
+        out = self.cluster.slurm("scontrol", "show", "job", "-o", self.id)
+        return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
+
     def state(self) -> str:
-        return self.slurm.job(self.id).get("JobState", "?")
+        return self.info().get("JobState", "?")
+
+    def sacct(self) -> list[str]:
+        """The state of each run of the job (a requeued job has several), oldest first, from the
+        job-completion log (`sacct --completion`; with slurmdbd a site runs `sacct -j ID -D`)."""
+        out = self.cluster.slurm("sacct", "--completion", "-j", self.id, "-n", "-P", "-o", "State")
+        return [line.strip() for line in out.splitlines() if line.strip()]
 
     def wait_for(self, predicate, what: str, timeout: float = JOB_TIMEOUT, abort=lambda: None) -> float:
         """Poll until ``predicate()``; returns the time it became true (0.2 s resolution). ``abort()``
@@ -87,52 +100,57 @@ class Job:
 
 
 @pytest.fixture
-def submit(slurm, slurm_shards, tmp_path):
-    """submit(*sbatch_options, sets=(...), **env) -> Job, as a user: from the repository root, with the
-    environment of a login shell that has no venv active (jobs/env.sh activates the repository's)."""
+def submit(cluster, slurm_shards, tmp_path):
+    """submit(*sbatch_options, sets=(...), **env) -> Job, as a user on the login node: from the repository
+    root, with the environment of a login shell that has no venv active (jobs/env.sh activates the
+    repository's) and the site's MPI settings (TCP over the cluster's network)."""
     jobs: list[Job] = []
 
-    def _submit(*options: str, sets=TRAIN, out: Path | None = None, **env: str) -> Job:
+    def _submit(*options: str, sets=TRAIN, out: Path | None = None, nodes: int = 2, **env: str) -> Job:
         out = out or tmp_path / "out"
         log = tmp_path / f"job{len(jobs)}.log"
         base = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": os.environ.get("HOME", "/root"),
-                "LANG": "C.UTF-8", "SLURM_CONF": str(slurm.conf), "CONFIG": "configs/smoke_cpu.yaml",
-                "DATA_PATH": str(slurm_shards), "OUTPUT_DIR": str(out)}
-        job_id = slurm.run("sbatch", "--parsable", f"--output={log}", *CPU_FORM, *options, str(SBATCH), *sets,
-                           env={**base, **env}, cwd=REPO_ROOT).strip().split(";")[0]
-        jobs.append(Job(slurm, job_id, log, out))
+                "LANG": "C.UTF-8", "SLURM_CONF": str(cluster.conf), "CONFIG": "configs/smoke_cpu.yaml",
+                "DATA_PATH": str(slurm_shards), "OUTPUT_DIR": str(out), **cluster.mpi_env(),
+                "HOROVOD_ARGS": "--network-interface eth0"}
+        job_id = cluster.slurm("sbatch", "--parsable", f"--nodes={nodes}", f"--output={log}", *CPU_FORM, *options,
+                               str(SBATCH), *sets, env={**base, **env}, cwd=REPO_ROOT).strip().split(";")[0]
+        jobs.append(Job(cluster, job_id, log, out))
         return jobs[-1]
 
     yield _submit
-    for job in jobs:  # a failed test must not leave a job holding the node's CPUs
+    for job in jobs:  # a failed test must not leave a job holding the nodes' CPUs
         if job.state() in ACTIVE:
-            slurm.run("scancel", "--signal=KILL", "--full", job.id, check=False)
+            cluster.slurm("scancel", "--signal=KILL", "--full", job.id, check=False)
     for job in jobs:
         job.wait_for(lambda j=job: j.state() not in ACTIVE, "the job to end after scancel", timeout=120)
 
 
-def _stop(job: Job, signal) -> dict:
-    """Run ``signal()`` (or wait for the job to get one itself when it is None) and check what the
-    trainer did: every rank stopped after one iteration and that checkpoint was written, before
-    Slurm's SIGKILL; then the launcher exited 143, unless KillWait ran out after the checkpoint (a
-    kill then loses nothing: the file is renamed into place whole). Returns the iteration and the
-    times from the signal to the checkpoint and to the exit (None: killed after the checkpoint)."""
-    log_start, done_before = len(job.text()), job.text().count(STOPPED)
-    saved_before = len(job.records("checkpoint"))
+def _shorten_time_limit(job: Job) -> None:
+    """Leave the running job 1-2 minutes: less than the template's USR1@180, so Slurm sends it at its
+    next time-limit check (every 30 s or so)."""
+    h, m, sec = (int(x) for x in job.info()["RunTime"].split("-")[-1].split(":"))
+    minutes = h * 60 + m + (sec > 0) + 1
+    job.cluster.slurm("scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}")
+
+
+def _stop(job: Job, kind: str) -> dict:
+    """Stop the job ``kind``'s way (time-limit, requeue, scancel) and check what the trainer did: every
+    rank of both nodes stopped at the iteration in flight, and that checkpoint was written before
+    Slurm's SIGKILL. Returns the iteration and the seconds from the signal to the checkpoint."""
+    log_start = len(job.text())
+    saved_before, stops_before = len(job.records("checkpoint")), len(job.records("stop"))
     reached = job.records("train")[-1]["iter"]
     t_signal = time.time()
-    if signal is not None:
-        signal()
-    else:  # the time limit: Slurm sends USR1, the job script logs it
-        t_signal = job.wait_for(lambda: "USR1: time limit or preemption ahead" in job.text()[log_start:],
-                                "the USR1 ahead of the time limit")
+    if kind == "time-limit":
+        _shorten_time_limit(job)
+        t_signal = job.wait_for(lambda: "USR1: stop requested" in job.text()[log_start:], "the USR1 ahead of the limit")
         reached = job.records("train")[-1]["iter"]
-
-    def this_run() -> str:  # the log from the signal to the next run's start, if any
-        return job.text()[log_start:].split("[megdet] slurm job:")[0]
-
-    def stopped() -> bool:
-        return job.text().count(STOPPED) > done_before
+        job.cluster.slurm("scontrol", "update", f"JobId={job.id}", "TimeLimit=UNLIMITED")  # for the next run
+    elif kind == "requeue":
+        job.cluster.slurm("scontrol", "requeue", job.id)
+    else:
+        job.cluster.slurm("scancel", job.id)
 
     def ended() -> bool:
         return "[megdet] slurm job:" in job.text()[log_start:] or job.state() not in ACTIVE
@@ -141,33 +159,28 @@ def _stop(job: Job, signal) -> dict:
         return job.records("checkpoint")[saved_before:]
 
     # A stop slower than KillWait is SIGKILLed: the job then ends, or starts again, without a checkpoint.
-    job.wait_for(lambda: saved(), "the checkpoint the stop writes", abort=lambda: (
+    job.wait_for(lambda: len(job.records("stop")) > stops_before, "the stop record", abort=lambda: (
         f"no checkpoint within KillWait={KILL_WAIT} s: the job ended or restarted" if ended() and not saved() else None))
-    times = [r["time"] for r in job.records("train")][-6:]
-    t_exit = job.wait_for(lambda: stopped() or ended(), "the ranks to exit")
-    exited = stopped()
-    text = this_run()
     assert len(saved()) == 1, saved()
     it = saved()[0]["iter"]
-    # Every rank stopped at the same iteration, the one saved; at most the step in flight is lost.
-    ranks = sorted(re.findall(r"rank (\d+): stopped on request after iteration (\d+)", text))
-    if exited:
-        assert ranks == [("0", str(it)), ("1", str(it))], text[-3000:]
-    else:  # killed after the checkpoint: rank 0's line may not have reached the log
-        assert ("1", str(it)) in ranks and set(ranks) <= {("0", str(it)), ("1", str(it))}, text[-3000:]
-    assert it >= reached
+    stop = job.records("stop")[-1]
+    # Every rank of both nodes stopped at the one iteration saved; at most the step in flight is lost.
+    assert stop["iter"] == it >= reached
+    assert [r["host"] for r in stop["ranks"]] == ["node01", "node01", "node02", "node02"], stop
     assert Path(saved()[0]["path"]).name == f"ckpt_{it:08d}.pt"
-    assert "DataLoader worker" not in text, text[-3000:]
-    step_s = sorted(b - a for a, b in zip(times, times[1:]))[len(times) // 2 - 1] if len(times) > 2 else None
-    timing = {"iter": it, "to_checkpoint_s": round(saved()[0]["time"] - t_signal, 1),
-              "to_exit_s": round(t_exit - t_signal, 1) if exited else None, "step_s": step_s and round(step_s, 1)}
+    assert not (job.out / "STOP").exists()  # consumed: a rerun does not stop at once
+    timing = {"launcher": job.launcher, "stop": kind, "iter": it, "to_checkpoint_s": round(saved()[0]["time"] - t_signal, 1),
+              "signalled": sum(r["signalled"] for r in stop["ranks"]), "file": any(r["file"] for r in stop["ranks"])}
     print(f"\n[timing] job {job.id}: {timing}")
     return timing
 
 
 def _assert_resumed(job: Job, it: int) -> None:
-    """The newest run of the trainer started from ckpt_<it> and trained step it + 1 next."""
-    job.wait_for(lambda: len(job.runs()) >= 2 and any(r["type"] == "train" for r in job.runs()[-1]),
+    """The next run of the trainer started from ckpt_<it> and trained step it + 1 next."""
+    runs = len([run for run in job.runs() if any(r["type"] == "stop" and r["iter"] == it for r in run)]) and \
+        next(i for i, run in enumerate(job.runs()) if any(r["type"] == "stop" and r["iter"] == it for r in run)) + 1
+    runs = runs or 1  # a resubmission into a stopped run: its first run is the next one
+    job.wait_for(lambda: len(job.runs()) > runs and any(r["type"] == "train" for r in job.runs()[-1]),
                  "the next run to train a step", abort=lambda: "the job ended" if job.state() not in ACTIVE else None)
     run = job.runs()[-1]
     assert run[0]["start_iter"] == it
@@ -175,81 +188,67 @@ def _assert_resumed(job: Job, it: int) -> None:
     assert f"resumed from {job.out / 'checkpoints' / f'ckpt_{it:08d}.pt'} at iteration {it}" in job.text()
 
 
-def test_horovodrun_requeue_then_scancel_signal_term(slurm, submit):
-    job = submit()  # LAUNCHER defaults to horovodrun
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun", "srun"])
+def test_a_two_node_job_keeps_its_work_through_every_stop(cluster, submit, slurm_shards, launcher):
+    job = submit(LAUNCHER=launcher)
+    job.launcher = launcher
     job.wait_training()
-    first = _stop(job, lambda: slurm.run("scontrol", "requeue", job.id))
+    assert re.search(rf"\[megdet\] running: {launcher} .*(-np |--ntasks=)4", job.text()), job.text()[-3000:]
+    assert job.runs()[0][0]["hosts"] == 2 and job.runs()[0][0]["bn_size"] == 2
+
+    first = _stop(job, "time-limit")
+    job.wait_for(lambda: "USR1: requeueing job" in job.text(), "the batch shell to requeue the job")
     _assert_resumed(job, first["iter"])
-    # (Slurm itself may have requeued the job once more, e.g. after a launch that timed out under load)
-    assert int(slurm.job(job.id)["Restarts"]) >= 1
-
-    # `scancel --signal=TERM` signals job steps only: the guard step passes it to the batch shell.
-    reached = job.wait_training(after_iter=first["iter"])
-    second = _stop(job, lambda: slurm.run("scancel", "--signal=TERM", job.id))
-    assert second["iter"] >= reached
+    second = _stop(job, "requeue")
+    _assert_resumed(job, second["iter"])
+    assert int(job.info()["Restarts"]) >= 2
+    third = _stop(job, "scancel")
     job.wait_done()
-    info = slurm.job(job.id)
-    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "143:0")
-    assert [r["State"] for r in slurm.sacct(job.id)][-1] == "FAILED"
-    assert len(slurm.sacct(job.id)) >= 2  # the requeued run(s) and the last one
-    assert "horovodrun -np 2 -H" in job.text()
+    assert job.info()["JobState"] == "CANCELLED"
 
-
-def test_mpirun_time_limit_requeues_through_the_template_signal(slurm, submit):
-    # --time=3 with USR1 60 s ahead: Slurm sends it 60-90 s into the run (its check runs every 30 s).
-    job = submit("--time=3", "--signal=B:USR1@60", LAUNCHER="mpirun")
-    job.wait_training()
-    first = _stop(job, None)
-    assert job.text().count("USR1: time limit or preemption ahead, requeueing job") == 1
-    _assert_resumed(job, first["iter"])
-    assert int(slurm.job(job.id)["Restarts"]) >= 1  # and Slurm's own requeues, if any
-    assert "mpirun -np 2 -H" in job.text() and "mpirun has detected an attempt to run as root" not in job.text()
-    # (the submit fixture ends the job)
-
-
-def test_srun_scancel_signal_term_then_resubmit_resumes_and_finishes(slurm, submit, tmp_path):
-    job = submit(LAUNCHER="srun")
-    job.wait_training()
-    stopped = _stop(job, lambda: slurm.run("scancel", "--signal=TERM", job.id))
-    job.wait_done()
-    assert (slurm.job(job.id)["JobState"], slurm.job(job.id)["ExitCode"]) == ("FAILED", "143:0")
-    assert "srun --mpi=pmix --nodes=1 --ntasks=2" in job.text()
-
-    # The same submission again (a few steps more) resumes from that checkpoint and finishes.
-    total = stopped["iter"] + 3
+    # The same submission again (a few steps more) resumes from that checkpoint and finishes; under srun
+    # it first stages the shards to every node's local disk, and each node trains from its own copy.
+    total = third["iter"] + 2
     sets = tuple(s for s in TRAIN if not s.startswith("train.max_iters=")) + (f"train.max_iters={total}",)
-    again = submit(sets=sets, LAUNCHER="srun")
+    stage = {"STAGE_DATA": "1", "LOCAL_SCRATCH": LOCAL_SCRATCH} if launcher == "srun" else {}
+    again = submit(sets=sets, LAUNCHER=launcher, **stage)
+    again.launcher = launcher
     again.wait_done()
-    assert slurm.sacct(again.id)[-1]["State"] == "COMPLETED", again.text()[-3000:]
-    _assert_resumed(again, stopped["iter"])
-    assert [r["iter"] for r in again.runs()[-1] if r["type"] == "train"] == list(range(stopped["iter"] + 1, total + 1))
+    assert again.sacct()[-1] == "COMPLETED", again.text()[-3000:]
+    _assert_resumed(again, third["iter"])
+    assert [r["iter"] for r in again.runs()[-1] if r["type"] == "train"] == list(range(third["iter"] + 1, total + 1))
     assert (again.out / "finished.json").is_file()
+    if stage:
+        assert f"data.train_path={LOCAL_SCRATCH}/hvd_megdet/{slurm_shards.name}" in again.text()
+        for host in cluster.hosts:  # each node's own disk holds a whole copy
+            local = cluster.scratch(host) / "hvd_megdet" / slurm_shards.name
+            assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in slurm_shards.iterdir())
     # A batch log is read in a file: plain progress lines, no carriage-return bar.
     log = again.log.read_bytes()
     assert b"\r" not in log
     assert re.search(rb"INFO train %d/%d \(100%%\)" % (total, total), log), log[-3000:]
 
-    # A third submission into the finished run stops at once, saying so in one line.
-    third = submit(sets=sets, LAUNCHER="srun")
-    third.wait_done()
-    assert slurm.job(third.id)["JobState"] == "FAILED"
-    errors = [line for line in third.text().splitlines() if "error" in line]
-    assert len(errors) == 1 and "holds a finished run" in errors[0] and "EXTEND=1" in errors[0], third.text()
-    assert "running:" not in third.text()
+    if launcher == "srun":  # a third submission into the finished run stops at once, saying so in one line
+        third_job = submit(sets=sets, LAUNCHER=launcher)
+        third_job.wait_done()
+        assert third_job.state() == "FAILED"
+        errors = [line for line in third_job.text().splitlines() if "error" in line]
+        assert len(errors) == 1 and "holds a finished run" in errors[0] and "EXTEND=1" in errors[0], third_job.text()
+        assert "running:" not in third_job.text()
 
 
-def test_ranks_per_node_must_match_what_slurm_granted(slurm, submit):
-    job = submit("--ntasks-per-node=1", GPUS_PER_NODE="2")
+def test_ranks_per_node_must_match_what_slurm_granted(submit):
+    job = submit("--ntasks-per-node=1", nodes=1, GPUS_PER_NODE="2")
     job.wait_done()
-    assert slurm.job(job.id)["JobState"] == "FAILED"
+    assert job.state() == "FAILED"
     assert re.search(r"\[megdet\] error: 2 ranks per node but Slurm granted 1 tasks on \S+ \(SLURM_TASKS_PER_NODE=1\): "
                      r"submit with --ntasks-per-node=2", job.text()), job.text()
     assert "running:" not in job.text()
 
 
-def test_a_missing_launcher_names_jobs_env_sh(slurm, submit):
-    job = submit(MEGDET_VENV="")  # env.sh activates no venv, and none is on PATH
+def test_a_missing_launcher_names_jobs_env_sh(submit):
+    job = submit(nodes=1, MEGDET_VENV="")  # env.sh activates no venv, and none is on PATH
     job.wait_done()
-    assert slurm.job(job.id)["JobState"] == "FAILED"
+    assert job.state() == "FAILED"
     errors = [line for line in job.text().splitlines() if line.startswith("[megdet] error")]
     assert len(errors) == 1 and "horovodrun ('horovodrun') is not on PATH" in errors[0] and "jobs/env.sh" in errors[0], job.text()
