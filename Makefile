@@ -11,7 +11,7 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests --durations=15
 
 demo: setup
 	bash jobs/local/demo.sh

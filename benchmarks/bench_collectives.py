@@ -1,6 +1,12 @@
 """What one CGBN collective costs: Horovod allreduce against the transport (mpi4py) on the BN group.
 
     python benchmarks/bench_collectives.py [--reps 100] [--iters 4] [--size 160] [--configs a,b,...]
+    python benchmarks/bench_collectives.py --hosts node01:1,node02:1 --iters 0   # across two hosts
+
+``--hosts``: one rank on each of two hosts (mpirun -H, TCP between them), the collective over both;
+run it on the first host (on the test cluster: ``nsenter -t $(cat DIR/run/node01.pid) -n -u -m``, with
+OMPI_MCA_oob_tcp_if_include/btl_tcp_if_include set to the hosts' network, as tests/cluster.py's
+``mpi_env`` gives them). The same-host figure is the run without it.
 
 CGBN makes one float64 allreduce per BN layer per direction: 2C+1 elements forward, 2C backward, for
 the C = 64..2048 channels of ResNet-50's 53 BN layers. For each configuration below (each one
@@ -66,6 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=2, help="images per rank for the trunk steps")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--hosts", default="", help="mpirun -H spec of 2 ranks on 2 hosts (default: this machine)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # the config, under mpirun
     return parser
 
@@ -90,6 +97,16 @@ def _latency(call, reps: int) -> float:
     return statistics.median(times)
 
 
+def _group(ctx) -> tuple[list[int], object]:
+    """The ranks measured and their Horovod set: the BN group, or every rank when the ranks sit on
+    different hosts (no BN group spans hosts; the collective is the same, over TCP)."""
+    from hvd_megdet import comm
+
+    if ctx.num_hosts > 1:
+        return list(range(ctx.size)), comm.world_process_set(ctx)
+    return list(ctx.bn_ranks), ctx.bn_process_set
+
+
 def _latencies(ctx, sizes: list[int], reps: int) -> dict[str, dict[int, float]]:
     import torch
     from mpi4py import MPI
@@ -99,14 +116,15 @@ def _latencies(ctx, sizes: list[int], reps: int) -> dict[str, dict[int, float]]:
     world = MPI.COMM_WORLD
     # dist(bn set, mpi4py): a communicator of the BN group's ranks, created by them alone; the
     # transport reference only, CGBN itself goes through Horovod.
-    group_comm = world.Create_group(world.group.Incl(list(ctx.bn_ranks)))
+    ranks, pset = _group(ctx)
+    group_comm = world.Create_group(world.group.Incl(ranks))
     out: dict[str, dict[int, float]] = {"horovod": {}, "mpi4py": {}}
     for n in sizes:
         buf = torch.ones(n, dtype=torch.float64)
         array = buf.numpy()
         comm.barrier(ctx)
         # dist(bn set): Horovod, one name per size as each CGBN layer has its own.
-        out["horovod"][n] = _latency(lambda: comm.allreduce_sum_(buf, ctx.bn_process_set, name=f"lat.{n}"), reps)
+        out["horovod"][n] = _latency(lambda: comm.allreduce_sum_(buf, pset, name=f"lat.{n}"), reps)
         comm.barrier(ctx)
         out["mpi4py"][n] = _latency(lambda: group_comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM), reps)
     group_comm.Free()
@@ -127,7 +145,7 @@ def _step_times(ctx, args) -> dict[str, float]:
     def trunk(mode):
         torch.manual_seed(0)
         resnet = torchvision.models.resnet50(weights=None)
-        return convert_norm(torch.nn.Sequential(*list(resnet.children())[:-2]), mode, ctx.bn_process_set)
+        return convert_norm(torch.nn.Sequential(*list(resnet.children())[:-2]), mode, _group(ctx)[1])
 
     models = {mode: trunk(mode) for mode in STEP_MODES}
     x = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(ctx.rank))
@@ -165,13 +183,17 @@ def run_job(args) -> dict:
     return {"channels": channels, "lat": slowest, "model": model, "steps": steps, "settings": settings}
 
 
-def _run_config(name: str, argv: list[str]) -> dict:
+def _run_config(name: str, argv: list[str], hosts: str = "") -> dict:
     sys.path.insert(0, str(ROOT))
     from hvd_megdet.ranks import local_mpirun_command
 
     env = {k: v for k, v in os.environ.items() if k not in KNOBS}
     env.update(CONFIGS[name] or {}, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = local_mpirun_command(2) + [sys.executable, __file__, "--job", name, *argv]
+    cmd = local_mpirun_command(2)
+    if hosts:  # the other host's rank gets only what -x names
+        cmd += ["-H", hosts, "--wdir", str(ROOT), *[a for k in ("PYTHONPATH", "OMP_NUM_THREADS", *(CONFIGS[name] or {}))
+                                                    for a in ("-x", k)]]
+    cmd += [sys.executable, __file__, "--job", name, *argv]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     lines = [l.split("RESULT ", 1)[1] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -205,10 +227,11 @@ def main(argv=None) -> int:
                 "--images", str(args.images)]
     results = {}
     for name in names:
-        results[name] = _run_config(name, job_argv)
+        results[name] = _run_config(name, job_argv, args.hosts)
         _print_config(name, results[name])
     layers = len(next(iter(results.values()))["channels"])
-    print(f"\n2 ranks, one BN group; latency: median over the CGBN packet sizes of the median of {args.reps} "
+    where = f"on hosts {args.hosts} (TCP between them)" if args.hosts else "on this machine"
+    print(f"\n2 ranks {where}, one group; latency: median over the CGBN packet sizes of the median of {args.reps} "
           f"back-to-back calls, slowest rank. Steps: ResNet-50 trunk fwd+bwd, {args.images} images of "
           f"{args.size}x{args.size} per rank, median of {args.iters}, slowest rank, local and cgbn in rotation; "
           f"cgbn/local: median of the per-rotation ratios.")

@@ -215,6 +215,12 @@ def shutdown(ctx: DistContext) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Collectives. Each is the identity without Horovod or in a world of one.
 # ---------------------------------------------------------------------------------------------------
+def world_process_set(ctx: DistContext) -> Any:
+    """Horovod's set of every rank (None without Horovod): for measuring a collective across hosts,
+    which no CGBN group spans."""
+    return hvd.global_process_set if ctx.horovod and ctx.size > 1 else None
+
+
 def allreduce_sum_(tensor: torch.Tensor, process_set: Any, name: str | None = None) -> torch.Tensor:
     """In-place sum over ``process_set`` (None: no communication). Not differentiable."""
     if process_set is None:

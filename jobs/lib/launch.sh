@@ -375,20 +375,21 @@ megdet_pbs_rerun() {
 # ("trap: line 2: unexpected EOF while looking for matching `)'") and can abandon one taken inside
 # `wait` when another signal follows at once (tests/jobs/test_job_checks.py sends such bursts).
 megdet_request_stop() {
-    local why=$1
-    if [[ $why == INT && -n $MEGDET_STOP_WHY ]]; then
+    # State first: a trap for another signal may run inside this one, at its first external command.
+    local why=$1 before=$MEGDET_STOP_WHY
+    MEGDET_STOP_WHY=${MEGDET_STOP_WHY:-$why}
+    [[ $why == USR1 ]] && MEGDET_REQUEUE=1
+    if [[ $why == INT && -n $before ]]; then
         megdet_log "INT again: stopping the launcher now, without a checkpoint"
         kill -TERM "$MEGDET_CHILD" 2>/dev/null
         return 0
     fi
-    [[ $why == USR1 ]] && MEGDET_REQUEUE=1
     # Written whole, then renamed: rank 0 never reads half a file.
     if ! { printf '%s\n' "$why" >"$MEGDET_STOP_FILE.tmp" && mv -f "$MEGDET_STOP_FILE.tmp" "$MEGDET_STOP_FILE"; }; then
         megdet_log "warning: could not write $MEGDET_STOP_FILE"
     fi
-    [[ -n $MEGDET_STOP_WHY ]] ||
+    [[ -n $before ]] ||
         megdet_log "$why: stop requested ($MEGDET_STOP_FILE): every rank saves a checkpoint at the same iteration and exits"
-    MEGDET_STOP_WHY=$why
 }
 
 # Slurm sends USR1 (--signal=B:USR1@SECONDS) before the time limit: once the ranks have saved and the

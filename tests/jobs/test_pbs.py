@@ -194,10 +194,17 @@ def _assert_resumed(job: Job, it: int, total: int) -> None:
     assert f"resumed from {job.out / 'checkpoints' / f'ckpt_{it:08d}.pt'} at iteration {it}" in job.text()
 
 
+def _qrerun(pbs, job) -> None:
+    """qrerun (root, a manager, only). Its client may give up waiting for the server's answer while the
+    MoM still kills the job (kill_delay): "Response timed out. Job rerun request still in progress"."""
+    proc = pbs.client(["qrerun", job.id], user=None, check=False)
+    assert proc.returncode == 0 or "rerun request still in progress" in proc.stderr, proc.stderr
+
+
 def test_mpirun_qrerun_saves_on_every_rank_and_the_rerun_resumes_and_finishes(pbs, submit):
     job = submit(LAUNCHER="mpirun")
     job.wait_training()
-    stopped = _stop(job, lambda: pbs.client(["qrerun", job.id], user=None))  # qrerun: root (a manager) only
+    stopped = _stop(job, lambda: _qrerun(pbs, job))
     info = job.wait_done()
     assert (info["run_count"], info["Exit_status"]) == (2, 0), job.text()[-3000:]
     _assert_resumed(job, stopped["iter"], 8)
