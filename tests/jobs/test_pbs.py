@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hvd_megdet.metrics import read_log
 from tests.jobs._fakes import PBS, REPO_ROOT, FakeCluster, run_script
+from tests.jobs._run_log import RunLog
 from tests.jobs.pbs_cluster import KILL_DELAY
 
 # The CPU form of the submission (jobs/README.md): 2 hosts, 2 ranks and 2 cores on each.
@@ -40,7 +40,7 @@ HOSTS = ["node01", "node01", "node02", "node02"]
 JOB_TIMEOUT = 600  # seconds for any one event of a job (start-up on a loaded 2-core machine included)
 
 
-class Job:
+class Job(RunLog):
     """One submitted job (or array subjob): its id, output file and OUTPUT_DIR."""
 
     def __init__(self, pbs, job_id: str, log: Path, out: Path):
@@ -61,20 +61,6 @@ class Job:
             if spool.exists():
                 return spool.read_text(errors="replace")
         return ""
-
-    def records(self, kind: str | None = None) -> list[dict]:
-        path = self.out / "log.jsonl"
-        return read_log(path, kind) if path.exists() else []
-
-    def runs(self) -> list[list[dict]]:
-        """log.jsonl split at each "start" record: one list per run of the trainer."""
-        runs: list[list[dict]] = []
-        for r in self.records():
-            if r["type"] == "start":
-                runs.append([])
-            if runs:
-                runs[-1].append(r)
-        return runs
 
     def wait_for(self, predicate, what: str, timeout: float = JOB_TIMEOUT, abort=lambda: None) -> float:
         """Poll until ``predicate()``; returns the time it became true. ``abort()`` returning a message

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from hvd_megdet.metrics import read_log
 from tests.cluster import KILL_WAIT, LOCAL_SCRATCH
 from tests.jobs._fakes import REPO_ROOT, SBATCH
+from tests.jobs._run_log import RunLog
 
 # The CPU form of the submission (jobs/README.md): no GPUs, one core per rank, 2 ranks per node.
 CPU_FORM = ("--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=2")
@@ -40,7 +40,7 @@ STOPPED = "training stopped on request with a checkpoint (exit 143)"
 JOB_TIMEOUT = 600  # seconds for any one event of a job (start-up on a loaded CI runner included)
 
 
-class Job:
+class Job(RunLog):
     """One submitted job: its id, log file and OUTPUT_DIR."""
 
     def __init__(self, cluster, job_id: str, log: Path, out: Path):
@@ -48,20 +48,6 @@ class Job:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def records(self, kind: str | None = None) -> list[dict]:
-        path = self.out / "log.jsonl"
-        return read_log(path, kind) if path.exists() else []
-
-    def runs(self) -> list[list[dict]]:
-        """log.jsonl split at each "start" record: one list per run of the trainer."""
-        runs: list[list[dict]] = []
-        for r in self.records():
-            if r["type"] == "start":
-                runs.append([])
-            if runs:
-                runs[-1].append(r)
-        return runs
 
     def info(self) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, RunTime, ...)."""
