@@ -68,15 +68,20 @@ def ensure_installed() -> None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise ClusterError(f"missing {', '.join(_missing_programs())} and cannot install them here "
                            f"(needs root and apt-get): apt-get install {' '.join(PACKAGES)}")
+    apt_install(list(PACKAGES))
+    if _missing_programs():
+        raise ClusterError(f"still missing after apt-get install: {', '.join(_missing_programs())}")
+
+
+def apt_install(packages: list[str]) -> None:
+    """`apt-get update` then install ``packages``; a failure raises ClusterError with apt's last line."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise ClusterError(f"'{' '.join(cmd)}' failed with exit {proc.returncode}: {tail[0]}")
-    if _missing_programs():
-        raise ClusterError(f"still missing after apt-get install: {', '.join(_missing_programs())}")
 
 
 def why_unavailable() -> str | None:

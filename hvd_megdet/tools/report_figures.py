@@ -57,19 +57,25 @@ def _plot_mmap(ax, runs: Sequence[Run], x_key: str) -> bool:
     return drawn
 
 
-def plot_mmap_vs_hours(runs: Sequence[Run], path: Path) -> Path:
-    fig, (ax,) = _figure()
-    drawn = _plot_mmap(ax, runs, "hours")
+def _finish_mmap(fig, ax, drawn: bool, path: Path) -> Path:
+    """What both mmAP figures share: axes from zero (a zoomed axis makes small differences look
+    large), the mmAP label, the legend or a note that there is nothing to draw; then the file."""
     ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)  # from zero: a zoomed axis makes small differences look large
-    ax.set_xlabel("training time (hours, resumed segments summed)")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("COCO mmAP (AP@[.5:.95], %)")
-    ax.set_title("mmAP vs training time (MegDet Fig. 1)")
     if drawn:
         ax.legend(fontsize="small")
     else:
         _no_data(ax, "no evaluations in these runs (set data.val_path and train.eval_epochs)")
     return _save(fig, path)
+
+
+def plot_mmap_vs_hours(runs: Sequence[Run], path: Path) -> Path:
+    fig, (ax,) = _figure()
+    drawn = _plot_mmap(ax, runs, "hours")
+    ax.set_xlabel("training time (hours, resumed segments summed)")
+    ax.set_title("mmAP vs training time (MegDet Fig. 1)")
+    return _finish_mmap(fig, ax, drawn, path)
 
 
 def plot_mmap_per_epoch(runs: Sequence[Run], path: Path) -> Path:
@@ -80,17 +86,10 @@ def plot_mmap_per_epoch(runs: Sequence[Run], path: Path) -> Path:
         for i, epoch in enumerate(lr_schedule.POLICIES[policy].decay_epochs):
             ax.axvline(epoch, color="0.35", linestyle=styles.get(policy, "-."), linewidth=1,
                        label=f"LR decay ({policy} policy)" if i == 0 else None)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
     ax.set_xlabel("epochs trained")
-    ax.set_ylabel("COCO mmAP (AP@[.5:.95], %)")
     ax.set_title("mmAP per epoch, LR decays dashed (MegDet Fig. 4)")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax, "no evaluations in these runs (set data.val_path and train.eval_epochs)")
-    return _save(fig, path)
+    return _finish_mmap(fig, ax, drawn, path)
 
 
 def plot_loss_lr(runs: Sequence[Run], path: Path) -> Path:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, ClusterError, apt_install
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PBS_EXEC = Path("/opt/pbs")
@@ -153,13 +153,10 @@ def ensure_installed() -> None:
             raise PBSError(f"extracting {tarball} failed: {proc.stderr.strip()[-300:]}")
     missing = _missing_packages()
     if missing:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                raise PBSError(f"'{' '.join(cmd)}' failed with exit {proc.returncode}: {tail[0]}")
+        try:
+            apt_install(missing)
+        except ClusterError as err:
+            raise PBSError(str(err)) from None
     for tool in ("pbs_iff", "pbs_rcp"):  # they authenticate users' commands: setuid root
         path = PBS_EXEC / "sbin" / tool
         if path.stat().st_mode & 0o4000 == 0:
