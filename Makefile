@@ -10,8 +10,10 @@ export VENV
 setup:
 	bash scripts/setup.sh
 
+# Two pytest-xdist workers, a test file at a time on each (--dist loadfile): the tests of a file share its
+# fixtures (one PBS per machine, module-scoped rank runs), and a worker's test cluster is its own.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 demo: setup
 	bash jobs/local/demo.sh

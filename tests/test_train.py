@@ -21,8 +21,9 @@ from tests.conftest import make_synthetic_shards
 from tests.mpirun import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.backbone=resnet18", "data.min_size=96", "data.max_size=128", "train.progress=false",
-         "solver.warmup_iters=3", "train.log_every=1"]
+# No test here asserts model quality: 64 sampled RoIs per image instead of 512 make a step ~3.5x cheaper.
+SMALL = ["model.backbone=resnet18", "model.box_batch_size_per_image=64", "data.min_size=96", "data.max_size=128",
+         "train.progress=false", "solver.warmup_iters=3", "train.log_every=1"]
 
 
 # ------------------------------------------------------------ 2 ranks x 1 image == 1 rank x 2 images

@@ -20,7 +20,7 @@ def _cfg(shards, out, *extra):
     return load_config(None, [
         f"data.train_path={shards}", f"data.val_path={shards}", f"train.output_dir={out}",
         "data.images_per_rank=4", "data.num_workers=0", "data.min_size=64", "data.max_size=96",
-        "model.backbone=resnet18", "solver.warmup_iters=2", "train.progress=false", "train.log_every=1",
+        "model.backbone=resnet18", "model.box_batch_size_per_image=64", "solver.warmup_iters=2", "train.progress=false", "train.log_every=1",
         "train.checkpoint_every=1000", f"train.max_iters={2 * ITERS_PER_EPOCH}", "train.device=cpu", *extra])
 
 
@@ -77,6 +77,9 @@ def test_sigterm_on_the_final_step_evaluates_on_resume_then_finishes(tiny_train_
 def test_resume_after_an_evaluated_epoch_is_exact(tiny_train_shards, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.run(_cfg(tiny_train_shards, straight, "train.eval_epochs=[1]"), DistContext())
+    # One checkpoint per iteration at most: an evaluated epoch's end saves once, before evaluating.
+    saved = [r["iter"] for r in read_log(straight / "log.jsonl", "checkpoint")]
+    assert saved == [ITERS_PER_EPOCH, 2 * ITERS_PER_EPOCH], saved
 
     # The same run, killed (no save, no clean-up) at the first step after epoch 1's evaluation.
     class Killed(BaseException):
