@@ -168,9 +168,15 @@ def _wait(predicate, what, timeout=60.0):
         time.sleep(0.05)
 
 
+def _default_sigint():
+    # A shell cannot trap a signal that was ignored when it started, and a test session started in the
+    # background (`make test &`) ignores SIGINT: the batch shell starts as from a terminal, INT default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(script, env):
     return subprocess.Popen(["bash", str(script)], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_default_sigint)
 
 
 def _finish_proc(proc):
