@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -305,4 +306,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 143:
+        # A scheduler's TERM (requeue, scancel, qdel) reached the launcher too: mpirun and its daemons sit
+        # in Open MPI's kill delay, their event loop stopped, and MPI_Finalize's fence, which goes through
+        # them, would hold every rank until they wake and kill it. The checkpoint is on disk and every
+        # rank has passed the barrier after it: leave without finalizing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

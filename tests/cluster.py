@@ -1,7 +1,8 @@
 """A cluster of several hosts on this machine, for the tests that need real hostnames: Slurm, ssh, mpirun.
 
 Each host is a Linux network namespace with its own address in 198.18.0.0/24 (the benchmarking range;
-no route leaves it; two clusters can share the machine, one in each half) and its own hostname (UTS namespace), joined to the others by a bridge. Names
+no route leaves it) and its own hostname (UTS namespace), joined to the others by a bridge. Several
+clusters can share the machine, each in a slot of the range of its own (tests/cluster_slots.py). Names
 resolve through a hosts file bind-mounted over /etc/hosts in each host's private mount namespace: the
 machine's own /etc/hosts is never changed. Every host runs an sshd (key login for root) and a slurmd;
 the first host also runs slurmctld, and one munged serves them all. The file system is shared, as a
@@ -9,7 +10,7 @@ cluster's home and parallel file systems are, except /srv: each host has its own
 disk) and root's ~/.ssh (the cluster's key and ssh config).
 
     python -m tests.cluster /tmp/megdet-cluster 2     # two hosts by hand; Ctrl-C (or kill PID) stops them
-    python -m tests.cluster /tmp/other 2 pbs 1        # a second cluster beside it: tag pbs, upper half
+    python -m tests.cluster /tmp/other 2              # a second cluster beside it, in another slot
     SLURM_CONF=/tmp/megdet-cluster/etc/slurm.conf sinfo
     nsenter -t $(cat /tmp/megdet-cluster/run/node01.pid) -n -u -m bash    # a shell on node01
 
@@ -35,13 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-import ipaddress
+from tests import cluster_slots
 
-# Addresses come from 198.18.0.0/24 only (the benchmarking range), split in two /25 so that two
-# clusters (tag "mgd" and another) can run side by side: hosts take the first addresses of their half,
-# the bridge (this machine's side) the last.
-NETWORK = ipaddress.ip_network("198.18.0.0/24")
-HALVES = list(NETWORK.subnets(prefixlen_diff=1))
 PACKAGES = {"slurmctld": ["slurmctld"], "slurmd": ["slurmd"], "munge": ["munged", "munge"],
             "slurm-client": ["sbatch", "scontrol", "sinfo", "squeue", "sacct", "scancel", "srun"],
             "openssh-server": ["sshd"], "openssh-client": ["ssh", "ssh-keygen"]}
@@ -49,7 +45,6 @@ KILL_WAIT = 30    # seconds between Slurm's SIGTERM and SIGKILL when a job ends 
 # A requeued job may start again only `cred_expire` + 1 s after it ended (Slurm's default 120 s): short
 # here so that requeue tests do not wait; credentials still outlive a step's launch.
 CRED_EXPIRE = 5
-REGISTRY = Path("/run/megdet-clusters")  # the clusters running on this machine (see Cluster._register)
 LOCAL_SCRATCH = "/srv"  # each host's own directory is mounted here: a node-local disk (STAGE_DATA)
 SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -115,17 +110,12 @@ class Cluster:
     """``start()`` builds it, ``stop()`` removes it. ``hosts``: the host names (node01, node02, ...);
     ``env``: what Slurm's client commands need; ``run(host, argv)`` runs a command on a host."""
 
-    def __init__(self, root: Path, nhosts: int = 2, tag: str = "mgd", half: int = 0):
+    def __init__(self, root: Path, nhosts: int = 2):
         if not 1 <= nhosts <= 8:
             raise ValueError("1 to 8 hosts")
         self.root = Path(root)
-        self.tag = tag  # prefix of the namespaces and links, so that two clusters never collide
-        self.subnet = HALVES[half]
-        hosts = list(self.subnet.hosts())
         self.hosts = [f"node{i:02d}" for i in range(1, nhosts + 1)]
-        self.addr = {h: str(hosts[i]) for i, h in enumerate(self.hosts)}
-        self.bridge_addr = str(hosts[-1])
-        self.bridge = f"{tag}br0"
+        self.slot: cluster_slots.Slot | None = None  # claimed by start(): tag, addresses, bridge
         self.etc, self.run_dir, self.log_dir = self.root / "etc", self.root / "run", self.root / "log"
         self.conf = self.etc / "slurm.conf"
         self.ssh_dir = self.root / "ssh"
@@ -143,6 +133,27 @@ class Cluster:
         """``host``'s local disk: what the host sees at LOCAL_SCRATCH (/srv), and no other host sees."""
         return self.root / "scratch" / host
 
+    @property
+    def tag(self) -> str:
+        return self.slot.tag  # prefix of the namespaces and links: clusters in other slots never collide
+
+    @property
+    def subnet(self):
+        return self.slot.subnet
+
+    @property
+    def bridge(self) -> str:
+        return self.slot.bridge
+
+    @property
+    def addr(self) -> dict[str, str]:
+        """Each host's address: the first of the slot's range (the bridge, this machine's side, has the last)."""
+        return {h: str(a) for h, a in zip(self.hosts, self.subnet.hosts())}
+
+    @property
+    def bridge_addr(self) -> str:
+        return str(list(self.subnet.hosts())[-1])
+
     def netns(self, host: str) -> str:
         return f"{self.tag}-{host}"
 
@@ -155,10 +166,10 @@ class Cluster:
         if reason:
             raise ClusterError(reason)
         ensure_installed()
-        leftovers = [ns for ns in _sh("ip", "netns", "list").stdout.split() if ns.startswith(f"{self.tag}-")]
-        if leftovers or Path(f"/sys/class/net/{self.bridge}").exists():  # checked before we own anything
-            raise ClusterError(f"a cluster '{self.tag}' already runs here (namespaces {leftovers}, bridge "
-                               f"{self.bridge}): stop it first")
+        try:
+            self.slot = cluster_slots.claim(self.root)
+        except RuntimeError as err:
+            raise ClusterError(str(err)) from None
         try:
             self._network()
             self._files()
@@ -211,16 +222,15 @@ class Cluster:
             shutil.copy(self.ssh_dir / name, self.home_ssh / name)
         shutil.copy(self.ssh_config, self.home_ssh / "config")
         self.home_ssh.chmod(0o700)
-        self._register()
-        self._make_shared(Path("/root/.ssh"), 0o700)  # the mount point
-        self._make_shared(Path("/run/sshd"), 0o755)  # sshd's privilege-separation directory
+        cluster_slots.make_shared(Path("/root/.ssh"), 0o700)  # the mount point
+        cluster_slots.make_shared(Path("/run/sshd"), 0o755)  # sshd's privilege-separation directory
         munge_dir = self.root / "munge"
         munge_dir.mkdir(mode=0o700, exist_ok=True)
         key = munge_dir / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             key.chmod(0o600)
-        self._make_shared(Path(LOCAL_SCRATCH), 0o755)  # the mount point of each host's local disk
+        cluster_slots.make_shared(Path(LOCAL_SCRATCH), 0o755)  # the mount point of each host's local disk
         for host in self.hosts:
             self.scratch(host).mkdir(parents=True, exist_ok=True)
             (self.root / "tmp" / host).mkdir(parents=True, exist_ok=True)
@@ -393,41 +403,13 @@ class Cluster:
         self._daemon(host, "slurmd", ["slurmd", "-D", "-f", str(self.conf)])
         self._wait(self._all_idle, f"{host} idle again", 90)
 
-    # Directories outside ``root`` that every cluster on this machine uses (mount points, sshd's) are made
-    # by the first and removed by the last to stop: removing a mount point detaches the mounts made on
-    # it in the other clusters' hosts too. REGISTRY holds a file per running cluster and the list made.
-    def _register(self) -> None:
-        REGISTRY.mkdir(parents=True, exist_ok=True)
-        for entry in REGISTRY.glob("*.cluster"):  # clusters whose owner died without stopping them
-            try:
-                owner = int(entry.read_text())
-            except (OSError, ValueError):
-                continue
-            if entry.stem != self.tag and not Path(f"/proc/{owner}").exists():
-                entry.unlink(missing_ok=True)
-        (REGISTRY / f"{self.tag}.cluster").write_text(f"{os.getpid()}\n")
-
-    def _make_shared(self, path: Path, mode: int) -> None:
-        try:
-            path.mkdir(mode=mode)
-        except FileExistsError:
-            return
-        with open(REGISTRY / "made", "a") as made:
-            made.write(f"{path}\n")
-
-    def _unregister(self) -> None:
-        (REGISTRY / f"{self.tag}.cluster").unlink(missing_ok=True)
-        if REGISTRY.is_dir() and not any(REGISTRY.glob("*.cluster")):  # the last one out
-            made = REGISTRY / "made"
-            for line in reversed(made.read_text().split() if made.exists() else []):
-                shutil.rmtree(line, ignore_errors=True)
-            shutil.rmtree(REGISTRY, ignore_errors=True)
-
     # --- taking it down ---------------------------------------------------------------------------------------
     def stop(self) -> None:
         """Cancel every job, stop the daemons by PID, kill whatever is left in the namespaces, remove the
-        namespaces, links, mounts (they die with their namespaces) and, if no other cluster runs, the
-        directories we made outside root (/root/.ssh, /run/sshd, /srv)."""
+        namespaces, links, mounts (they die with their namespaces) and release the slot (the last cluster
+        to stop removes the directories made outside the roots: /root/.ssh, /run/sshd, /srv)."""
+        if self.slot is None:
+            return
         if any(name == "slurmctld" and p.poll() is None for _, name, p in self._daemons):
             subprocess.run(["scancel", "--signal=KILL", "--full", "--user", str(os.geteuid())], env=self.env,
                            capture_output=True, timeout=30)
@@ -455,7 +437,8 @@ class Cluster:
         for host in self.hosts:
             _sh("ip", "netns", "del", self.netns(host), check=False)
         _sh("ip", "link", "del", self.bridge, check=False)
-        self._unregister()
+        cluster_slots.release(self.slot)
+        self.slot = None
 
 
 def _comm(pid: int) -> str:
@@ -485,11 +468,10 @@ if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGINT):  # `kill PID` stops it too (and INT, ignored in background jobs)
         signal.signal(sig, signal.default_int_handler)
     cluster = Cluster(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/megdet-cluster"),
-                      int(sys.argv[2]) if len(sys.argv) > 2 else 2,
-                      tag=sys.argv[3] if len(sys.argv) > 3 else "mgd", half=int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+                      int(sys.argv[2]) if len(sys.argv) > 2 else 2)
     try:
         cluster.start()
-        print(f"{len(cluster.hosts)} hosts up ({', '.join(cluster.hosts)}): export SLURM_CONF={cluster.conf}; "
+        print(f"{len(cluster.hosts)} hosts up ({', '.join(cluster.hosts)}, slot {cluster.tag}, {cluster.subnet}): export SLURM_CONF={cluster.conf}; "
               f"a shell on a host: nsenter -t $(cat {cluster.run_dir}/HOST.pid) -n -u -m bash", flush=True)
         signal.pause()
     except KeyboardInterrupt:

@@ -60,15 +60,10 @@ def cluster():
         if os.environ.get("CI"):
             pytest.fail(f"no test cluster on CI: {reason}", pytrace=False)
         pytest.skip(f"no test cluster here: {reason}")
-    # One cluster per pytest-xdist worker, each in its own half of the test range with its own tag: room
-    # for two (make test runs -n 2); a third would share a half's addresses.
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
-    if worker > 1:
-        pytest.fail(f"worker gw{worker}: the test range holds two clusters; run the cluster tests with -n 2 at most",
-                    pytrace=False)
-    # Under /tmp, not pytest's 0700 temporary directory: munged wants its socket's directories open.
+    # Under /tmp, not pytest's 0700 temporary directory: munged wants its socket's directories open. Each
+    # pytest-xdist worker gets a cluster of its own, in a free slot of the test range (tests/cluster_slots.py).
     root = Path(tempfile.mkdtemp(prefix="megdet-cluster-"))
-    hosts = Cluster(root, 2, tag=f"mgd{worker}", half=worker)
+    hosts = Cluster(root, 2)
     try:
         hosts.start()
     except ClusterError as err:

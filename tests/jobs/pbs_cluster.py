@@ -7,7 +7,7 @@ runtime libraries and PostgreSQL from apt. Each host has its own PBS_HOME and co
 (PBS_CONF_FILE) in a private directory; /etc/pbs.conf and the init scripts are never written. Jobs run
 as an ordinary user (`megdet`, made when missing): the MoM does not track root's jobs.
 
-    python -m tests.jobs.pbs_cluster /tmp/megdet-pbs     # a 2-host cluster (tag pbs) with PBS; Ctrl-C stops it
+    python -m tests.jobs.pbs_cluster /tmp/megdet-pbs     # a 2-host cluster with PBS; Ctrl-C stops it
 
 Facts this rests on (OpenPBS 23.06 built from cd7ab5ed, Debian 12, PostgreSQL 15):
 - PBS refuses a PBS_HOME below a directory writable by others (/tmp, even sticky): the private
@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests import cluster_slots
 from tests.cluster import Cluster, ClusterError, apt_install
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -243,6 +244,7 @@ class ClusterPBS:
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="hvd_megdet-pbs-", dir=PRIVATE_PARENT))
             self._made_root = True
+            cluster_slots.note_path(self.cluster.slot, self.root)  # removed even if this process dies
         else:
             self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)   # the job user reads the client configuration and its files below
@@ -543,7 +545,7 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it too
     where = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/megdet-pbs")
-    cluster = Cluster(where / "cluster", 2, tag="pbs", half=1)
+    cluster = Cluster(where / "cluster", 2)
     pbs = ClusterPBS(cluster)
     try:
         cluster.start()

@@ -7,7 +7,9 @@ HVD_MEGDET_RANKS_PER_HOST anywhere).
 - hosts with unequal ranks (3 + 1) train, each host with its own BN size, which the log names;
 - a checkpoint written by 2 hosts resumes bitwise under another launcher;
 - a lost host (every process of node02 killed, or its link cut) ends every surviving rank within a
-  bounded time with a line naming the host, and the next run resumes from the last whole checkpoint.
+  bounded time with a line naming the host, and the next run resumes from the last whole checkpoint;
+- a scheduler's TERM to every process of an mpirun job (requeue, scancel) ends every rank once it has
+  saved, without waiting for mpirun and its daemons.
 """
 from __future__ import annotations
 
@@ -207,3 +209,49 @@ def test_a_lost_host_ends_every_rank_in_bounded_time_and_the_next_run_resumes(cl
           f"train.stall_timeout_s={STALL_S}")
     starts = read_log(out / "log.jsonl", "start")
     assert starts[-1]["start_iter"] == last and (out / "finished.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# A scheduler's TERM to mpirun, its daemons and the ranks at once
+# ----------------------------------------------------------------------------------------------------
+def _live(pid: int) -> bool:
+    """Running, not a zombie (mpirun asleep does not reap its ranks)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_term_to_every_process_of_an_mpirun_job_ends_every_rank_once_it_has_saved(cluster, slurm_shards, tmp_path):
+    # What Slurm's requeue or scancel does to a 2-node mpirun job: TERM to every process of the batch
+    # step (mpirun, its ranks on node01) and of the orted step on node02. mpirun and orted then sit in
+    # Open MPI's kill delay (odls_base_sigkill_timeout: 120 s in the job scripts), their event loops
+    # stopped. Ranks that finalized MPI after saving waited in MPI_Finalize's fence, which needs those
+    # daemons, until the daemons woke and killed them; under horovodrun, whose mpirun Slurm loses track
+    # of, they outlived the job by minutes. Every rank must end once its checkpoint is written.
+    out = tmp_path / "run"
+    log = (tmp_path / "launcher.log").open("w")
+    proc = cluster.popen("node01", train_command("mpirun", "node01:2,node02:2", 4, slurm_shards, out,
+                                                 "train.max_iters=1000", "train.checkpoint_every=1000"),
+                         env={**rank_env(cluster), "OMPI_MCA_odls_base_sigkill_timeout": "600"}, cwd=REPO_ROOT,
+                         stdout=log, stderr=subprocess.STDOUT)
+    orted = []
+    try:
+        _wait(lambda: (out / "log.jsonl").exists() and read_log(out / "log.jsonl", "train"), "a step", proc=proc)
+        ranks = _trainers(out)
+        orted = [pid for pid in cluster.processes("node02") if Path(f"/proc/{pid}/comm").read_text().strip() == "orted"]
+        assert len(ranks) == 4 and len(orted) == 1
+        for pid in (proc.pid, *orted, *ranks):
+            os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not any(_live(pid) for pid in ranks), "every rank to exit after saving", timeout=300)
+        assert proc.poll() is None and _live(orted[0])  # both still in their delay: no rank waited for them
+    finally:
+        for pid in (proc.pid, *orted):
+            if _live(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    (stop,) = read_log(out / "log.jsonl", "stop")
+    assert [r["host"] for r in stop["ranks"]] == ["node01", "node01", "node02", "node02"]
+    assert all(r["signalled"] for r in stop["ranks"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"ckpt_{stop['iter']:08d}.pt"]
