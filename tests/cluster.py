@@ -37,47 +37,17 @@ import time
 from pathlib import Path
 
 from tests import cluster_slots
+from tests.cluster_install import SBIN, InstallError, ensure_installed
 
-PACKAGES = {"slurmctld": ["slurmctld"], "slurmd": ["slurmd"], "munge": ["munged", "munge"],
-            "slurm-client": ["sbatch", "scontrol", "sinfo", "squeue", "sacct", "scancel", "srun"],
-            "openssh-server": ["sshd"], "openssh-client": ["ssh", "ssh-keygen"]}
 KILL_WAIT = 30    # seconds between Slurm's SIGTERM and SIGKILL when a job ends (KillWait, as on most sites)
 # A requeued job may start again only `cred_expire` + 1 s after it ended (Slurm's default 120 s): short
 # here so that requeue tests do not wait; credentials still outlive a step's launch.
 CRED_EXPIRE = 5
 LOCAL_SCRATCH = "/srv"  # each host's own directory is mounted here: a node-local disk (STAGE_DATA)
-SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ClusterError(RuntimeError):
     """The cluster could not be installed, started or asked something."""
-
-
-def _missing_programs() -> list[str]:
-    return [p for progs in PACKAGES.values() for p in progs if shutil.which(p, path=SBIN) is None]
-
-
-def ensure_installed() -> None:
-    """Install Slurm, munge and OpenSSH from apt when any of their programs is missing."""
-    if not _missing_programs():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ClusterError(f"missing {', '.join(_missing_programs())} and cannot install them here "
-                           f"(needs root and apt-get): apt-get install {' '.join(PACKAGES)}")
-    apt_install(list(PACKAGES))
-    if _missing_programs():
-        raise ClusterError(f"still missing after apt-get install: {', '.join(_missing_programs())}")
-
-
-def apt_install(packages: list[str]) -> None:
-    """`apt-get update` then install ``packages``; a failure raises ClusterError with apt's last line."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise ClusterError(f"'{' '.join(cmd)}' failed with exit {proc.returncode}: {tail[0]}")
 
 
 def why_unavailable() -> str | None:
@@ -165,7 +135,10 @@ class Cluster:
         reason = why_unavailable()
         if reason:
             raise ClusterError(reason)
-        ensure_installed()
+        try:
+            ensure_installed()
+        except InstallError as err:
+            raise ClusterError(str(err)) from None
         try:
             self.slot = cluster_slots.claim(self.root)
         except RuntimeError as err:

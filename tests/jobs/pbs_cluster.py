@@ -13,7 +13,7 @@ Facts this rests on (OpenPBS 23.06 built from cd7ab5ed, Debian 12, PostgreSQL 15
 - PBS refuses a PBS_HOME below a directory writable by others (/tmp, even sticky): the private
   directory is made in /var/spool.
 - Every daemon detaches, and PID 1 of a container may reap no orphans: each host's daemons are
-  started by a small reaper (a child subreaper) that collects them, and kills what is left at the end.
+  started by a small reaper (a child subreaper, tests/jobs/reaper.py) that collects them, and kills what is left at the end.
 - sshd reads a user's authorized keys as that user: the cluster's key file must be reachable by the
   job user (its directories get o+x, its key file o+r, restored at the end); the user gets its own
   copy of the cluster's private key and an ssh config in its home.
@@ -22,7 +22,6 @@ Facts this rests on (OpenPBS 23.06 built from cd7ab5ed, Debian 12, PostgreSQL 15
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pwd
@@ -36,15 +35,11 @@ import time
 from pathlib import Path
 
 from tests import cluster_slots
-from tests.cluster import Cluster, ClusterError, apt_install
+from tests.cluster import Cluster
+from tests.jobs.pbs_install import PBS_EXEC, PBSError, ensure_installed, why_unavailable  # noqa: F401 (conftest's)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PBS_EXEC = Path("/opt/pbs")
-TARBALLS = REPO_ROOT.parent / "shared" / "openpbs" / "openpbs-*.tgz"
-# What the binaries load (../shared/openpbs/runtime-libs.txt) that a Debian 12 base may lack, and the
-# PostgreSQL server the PBS server keeps its state in (pg_config finds it).
-PACKAGES = ["postgresql", "libpq5", "libical3", "libhwloc15", "libedit2", "libexpat1", "libssl3", "libcjson1",
-            "libpython3.11"]
+REAPER = Path(__file__).with_name("reaper.py")  # started on every host
 USER = "megdet"           # the ordinary user the test jobs run as
 PRIVATE_PARENT = Path("/var/spool")  # a parent no one else can write to (PBS checks every ancestor)
 KILL_DELAY = 30           # the queue's kill_delay: seconds from qdel's/qrerun's SIGTERM to the SIGKILL
@@ -52,116 +47,6 @@ PBS_PATH = f"{PBS_EXEC / 'bin'}:/usr/local/bin:/usr/bin:/bin"
 RUNUSER = "/usr/sbin/runuser"
 SBIN_PATH = f"{PBS_EXEC / 'sbin'}:{PBS_EXEC / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Runs on a host as a child subreaper: every daemon it starts (and whatever they orphan) stays below
-# it. Each line on stdin is {"argv", "env", "log"}: run it in a session of its own, answer {"rc"} when
-# it exits. At the end of stdin it SIGKILLs everything still below it, reaps it, and exits.
-_REAPER = r"""
-import ctypes, json, os, select, signal, sys, time
-ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-me, waiting = os.getpid(), None
-
-def reap():
-    global waiting
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if pid == waiting:
-            print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-            waiting = None
-
-def below_me():
-    parent = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (ValueError, OSError, IndexError):
-            pass
-    found = set()
-    for pid in parent:
-        p = pid
-        while p in parent and p not in (0, 1, me):
-            p = parent[p]
-        if p == me and pid != me:
-            found.add(pid)
-    return found
-
-while True:
-    ready, _, _ = select.select([sys.stdin], [], [], 0.2)
-    reap()
-    if not ready:
-        continue
-    line = sys.stdin.readline()
-    if not line:
-        break
-    req = json.loads(line)
-    fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    waiting = os.posix_spawnp(req["argv"][0], req["argv"], req["env"], setsid=True, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, fd, 1),
-        (os.POSIX_SPAWN_DUP2, fd, 2), (os.POSIX_SPAWN_CLOSE, fd)])
-    os.close(fd)
-for _ in range(50):
-    pids = below_me()
-    if not pids:
-        break
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    time.sleep(0.1)
-    reap()
-reap()
-"""
-
-
-class PBSError(RuntimeError):
-    """PBS could not be installed, started or asked something."""
-
-
-def _tarball() -> Path | None:
-    found = sorted(glob.glob(str(TARBALLS)))
-    return Path(found[-1]) if found else None
-
-
-def why_unavailable() -> str | None:
-    """Why the PBS tests cannot run here (a reason to skip), or None."""
-    if not (PBS_EXEC / "sbin" / "pbs_server").exists() and _tarball() is None:
-        return f"OpenPBS is neither installed ({PBS_EXEC}) nor available to extract ({TARBALLS})"
-    return None
-
-
-def _missing_packages() -> list[str]:
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev}\n", *PACKAGES],
-                         capture_output=True, text=True, timeout=60).stdout
-    installed = {line.split()[0] for line in out.splitlines() if len(line.split()) > 1 and line.split()[1] == "ii"}
-    return [p for p in PACKAGES if p not in installed]
-
-
-def ensure_installed() -> None:
-    """Extract ../shared/openpbs into / when /opt/pbs is missing; install the runtime packages from apt."""
-    if not (PBS_EXEC / "sbin" / "pbs_server").exists():
-        tarball = _tarball()
-        if tarball is None:
-            raise PBSError(f"no {PBS_EXEC} and no {TARBALLS} to extract")
-        proc = subprocess.run(["tar", "-xzpf", str(tarball), "-C", "/"], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise PBSError(f"extracting {tarball} failed: {proc.stderr.strip()[-300:]}")
-    missing = _missing_packages()
-    if missing:
-        try:
-            apt_install(missing)
-        except ClusterError as err:
-            raise PBSError(str(err)) from None
-    for tool in ("pbs_iff", "pbs_rcp"):  # they authenticate users' commands: setuid root
-        path = PBS_EXEC / "sbin" / tool
-        if path.stat().st_mode & 0o4000 == 0:
-            path.chmod(0o4755)
 
 
 def _alive(pid: int | None) -> bool:
@@ -265,13 +150,18 @@ class ClusterPBS:
         self.client_conf.write_text(f"PBS_EXEC={PBS_EXEC}\nPBS_SERVER={self.head}\nPBS_HOME={self.home(self.head)}\n")
         for path in self.root.glob("etc/*"):
             path.chmod(0o644)
-        (self.root / "reaper.py").write_text(_REAPER)
+        shutil.copy(REAPER, self.root / "reaper.py")
 
     def _user(self) -> None:
         """The job user: made when missing (home in the private directory), with the cluster's key and an
         ssh config of its own, so that mpirun and horovodrun reach the other hosts as that user."""
         try:
-            pwd.getpwnam(self.user)
+            home = Path(pwd.getpwnam(self.user).pw_dir)
+            if home.parent.parent.name.startswith("hvd_megdet-pbs-") and not home.parent.parent.exists():
+                # Made by a test session that was killed: the next cluster removed its private directory
+                # (tests/cluster_slots.py), and its home with it.
+                _run(["userdel", "--force", self.user])
+                raise KeyError(self.user)
         except KeyError:
             # '*': no password, but not locked (sshd without PAM refuses a locked account's keys too)
             _run(["useradd", "--create-home", "--home-dir", str(self.root / "home" / self.user),

@@ -1,0 +1,43 @@
+"""Installing what the test clusters run, from apt when a program is missing: Slurm, munge and OpenSSH
+for tests/cluster.py; tests/jobs/pbs_install.py adds OpenPBS's runtime packages through ``apt_install``."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+PACKAGES = {"slurmctld": ["slurmctld"], "slurmd": ["slurmd"], "munge": ["munged", "munge"],
+            "slurm-client": ["sbatch", "scontrol", "sinfo", "squeue", "sacct", "scancel", "srun"],
+            "openssh-server": ["sshd"], "openssh-client": ["ssh", "ssh-keygen"]}
+SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class InstallError(RuntimeError):
+    """A package could not be installed (one line: the command and apt's last line)."""
+
+
+def _missing_programs() -> list[str]:
+    return [p for progs in PACKAGES.values() for p in progs if shutil.which(p, path=SBIN) is None]
+
+
+def ensure_installed() -> None:
+    """Install Slurm, munge and OpenSSH from apt when any of their programs is missing."""
+    if not _missing_programs():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise InstallError(f"missing {', '.join(_missing_programs())} and cannot install them here "
+                           f"(needs root and apt-get): apt-get install {' '.join(PACKAGES)}")
+    apt_install(list(PACKAGES))
+    if _missing_programs():
+        raise InstallError(f"still missing after apt-get install: {', '.join(_missing_programs())}")
+
+
+def apt_install(packages: list[str]) -> None:
+    """`apt-get update` then install ``packages``; a failure raises InstallError with apt's last line."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise InstallError(f"'{' '.join(cmd)}' failed with exit {proc.returncode}: {tail[0]}")
