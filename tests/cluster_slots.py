@@ -144,6 +144,11 @@ def _free(slot: Slot, paths: list[Path]) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
+    # The hosts' links first: a namespace is destroyed asynchronously, and its veth peers with it, so a
+    # new cluster in this slot could find them still there ("File exists").
+    for link in os.listdir("/sys/class/net"):
+        if link.startswith(f"{slot.tag}v"):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=60)
     for ns in namespaces:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60)
     subprocess.run(["ip", "link", "del", slot.bridge], capture_output=True, timeout=60)
