@@ -397,11 +397,7 @@ class Cluster:
                 proc.wait(timeout=10)
         self._daemons.clear()
         for host in self.hosts:  # jobs' ranks, orted, ssh sessions: anything still in a host
-            for _ in range(50):
-                pids = self.kill_host(host)
-                if not pids:
-                    break
-                time.sleep(0.1)
+            cluster_slots.kill_until_gone(lambda h=host: self.processes(h))
         for proc in self.holders.values():
             if proc.poll() is None:
                 proc.kill()

@@ -130,20 +130,26 @@ def release(slot: Slot) -> None:
             shutil.rmtree(REGISTRY, ignore_errors=True)
 
 
-def _free(slot: Slot, paths: list[Path]) -> None:
-    """Take back the slot of a dead owner: kill what runs in its hosts, remove namespaces, bridge, paths."""
-    namespaces = slot.namespaces()
+def kill_until_gone(find_pids) -> None:
+    """SIGKILL whatever ``find_pids()`` lists until it lists nothing (5 s at most): a process may fork
+    while its siblings die."""
     for _ in range(50):
-        pids = [int(p) for ns in namespaces for p in subprocess.run(
-            ["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=60).stdout.split()]
+        pids = find_pids()
         if not pids:
-            break
+            return
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
+
+
+def _free(slot: Slot, paths: list[Path]) -> None:
+    """Take back the slot of a dead owner: kill what runs in its hosts, remove namespaces, bridge, paths."""
+    namespaces = slot.namespaces()
+    kill_until_gone(lambda: [int(p) for ns in namespaces for p in subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=60).stdout.split()])
     # The hosts' links first: a namespace is destroyed asynchronously, and its veth peers with it, so a
     # new cluster in this slot could find them still there ("File exists").
     for link in os.listdir("/sys/class/net"):
