@@ -223,8 +223,9 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
         ranks = comm.allgather_object(stop.how(), ctx, name="stop.how")
         if not saved:
             save()
-        logger.log("stop", {"iter": progress.iteration, "epoch": progress.epoch, "ranks": ranks})
+        # Consumed before the record is written: whoever reads the record finds no request left over.
         stop.honoured()
+        logger.log("stop", {"iter": progress.iteration, "epoch": progress.epoch, "ranks": ranks})
         return engine.Preempted(f"stopped on request after iteration {progress.iteration}; "
                                 f"rerun with the same train.output_dir to resume",
                                 signalled=any(r["signalled"] for r in ranks))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hvd_megdet import checkpoint, engine, train
+from hvd_megdet import checkpoint, engine, metrics, stop, train
 from hvd_megdet.comm import DistContext
 from hvd_megdet.config import SolverConfig, load_config
 from hvd_megdet.metrics import read_log
@@ -72,6 +72,32 @@ def test_sigterm_on_the_final_step_evaluates_on_resume_then_finishes(tiny_train_
     # A third start into the finished directory does nothing and says so.
     again = train.run(cfg, DistContext())
     assert again["already_finished"] and _evaluated_epochs(out) == [2]
+
+
+def test_the_stop_record_is_written_once_the_stop_file_is_consumed(tiny_train_shards, tmp_path, monkeypatch):
+    # Whoever reads the "stop" record (a job script, a test, a user) must find no request left over:
+    # CI once saw the record with OUTPUT_DIR/STOP still there (consumed after the record was written).
+    out = tmp_path / "run"
+    real_epoch, real_log = engine.train_one_epoch, metrics.MetricLogger.log
+    file_at_record = []
+
+    def one_epoch_then_request(*args, **kwargs):
+        for progress in real_epoch(*args, **kwargs):
+            if progress.iteration == 2:
+                stop.request_stop(out, "TERM")  # what jobs/lib/launch.sh does on a requeue
+            yield progress
+
+    def log(self, kind, record):
+        if kind == "stop":
+            file_at_record.append((out / stop.STOP_FILE).exists())
+        real_log(self, kind, record)
+
+    monkeypatch.setattr(engine, "train_one_epoch", one_epoch_then_request)
+    monkeypatch.setattr(metrics.MetricLogger, "log", log)
+    with pytest.raises(engine.Preempted):
+        train.run(_cfg(tiny_train_shards, out), DistContext())
+    assert file_at_record == [False]
+    assert [r["iter"] for r in read_log(out / "log.jsonl", "stop")] == [2]
 
 
 def test_resume_after_an_evaluated_epoch_is_exact(tiny_train_shards, tmp_path, monkeypatch):
