@@ -9,7 +9,7 @@ Two ways, because a stop must reach every rank on every node whatever launched t
 - SIGTERM reaches the ranks that a scheduler or launcher signals itself (Slurm's job steps, `srun`'s
   tasks, `mpirun` passing a TERM on, Ctrl-C through a launcher).
 - The file reaches the others. A batch shell that gets a requeue's, a time limit's or `qdel`'s signal
-  writes ``OUTPUT_DIR/STOP`` (jobs/lib/launch.sh); rank 0 looks for it before each step on the shared
+  writes ``OUTPUT_DIR/STOP`` (jobs/lib/stop.sh); rank 0 looks for it before each step on the shared
   file system that holds the checkpoints. It needs no process tree and no launcher in between.
 
 Either way one rank knowing is enough: the per-step allreduce tells every rank. The file is removed

@@ -7,7 +7,7 @@ resolve through a hosts file bind-mounted over /etc/hosts in each host's private
 machine's own /etc/hosts is never changed. Every host runs an sshd (key login for root) and a slurmd;
 the first host also runs slurmctld, and one munged serves them all. The file system is shared, as a
 cluster's home and parallel file systems are, except /srv: each host has its own there (a node-local
-disk) and root's ~/.ssh (the cluster's key and ssh config).
+disk) and root's ~/.ssh (the cluster's key and ssh config). tests/cluster_files.py writes its files.
 
     python -m tests.cluster /tmp/megdet-cluster 2     # two hosts by hand; Ctrl-C (or kill PID) stops them
     python -m tests.cluster /tmp/other 2              # a second cluster beside it, in another slot
@@ -36,15 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests import cluster_slots
+from tests import cluster_files, cluster_slots
+from tests.cluster_files import CRED_EXPIRE, KILL_WAIT, LOCAL_SCRATCH  # noqa: F401 (the tests' names)
 from tests.cluster_install import SBIN, InstallError, ensure_installed
-
-KILL_WAIT = 30    # seconds between Slurm's SIGTERM and SIGKILL when a job ends (KillWait, as on most sites)
-# A requeued job may start again only `cred_expire` + 1 s after it ended (Slurm's default 120 s): short
-# here so that requeue tests do not wait; credentials still outlive a step's launch.
-CRED_EXPIRE = 5
-LOCAL_SCRATCH = "/srv"  # each host's own directory is mounted here: a node-local disk (STAGE_DATA)
-
 
 class ClusterError(RuntimeError):
     """The cluster could not be installed, started or asked something."""
@@ -145,7 +139,7 @@ class Cluster:
             raise ClusterError(str(err)) from None
         try:
             self._network()
-            self._files()
+            cluster_files.write_files(self)
             for host in self.hosts:
                 self._start_host(host)
             self._start_slurm()
@@ -166,87 +160,6 @@ class Cluster:
             _sh("ip", "-n", ns, "addr", "add", f"{self.addr[host]}/{self.subnet.prefixlen}", "dev", "eth0")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")   # no default route: nothing leaves 198.18.0.0/24
-
-    def _files(self) -> None:
-        for d in (self.etc, self.run_dir, self.log_dir, self.ssh_dir, self.root / "state", self.munge_socket.parent):
-            d.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
-        self.munge_socket.parent.chmod(0o755)  # munged: everyone must reach its socket
-        (self.etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
-            f"{self.addr[h]} {h}\n" for h in self.hosts) + f"{self.bridge_addr} {self.tag}-gateway\n")
-        # ssh: one key for root's logins, one host key, an sshd_config and a client config of their own.
-        for key in (self.ssh_key, self.ssh_dir / "host_ed25519"):
-            if not key.exists():
-                _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
-        shutil.copy(self.ssh_key.with_suffix(".pub"), self.ssh_dir / "authorized_keys")
-        self.ssh_dir.chmod(0o700)
-        (self.ssh_dir / "sshd_config").write_text("\n".join([
-            f"HostKey {self.ssh_dir / 'host_ed25519'}", f"AuthorizedKeysFile {self.ssh_dir / 'authorized_keys'}",
-            "PermitRootLogin prohibit-password", "PasswordAuthentication no", "UsePAM no", "StrictModes no",
-            "PidFile none", "AcceptEnv *", "PermitUserEnvironment no", "LogLevel ERROR", ""]))
-        self.ssh_config.write_text("\n".join([
-            "Host *", f"  IdentityFile {self.ssh_key}", "  IdentitiesOnly yes", "  StrictHostKeyChecking no",
-            "  UserKnownHostsFile /dev/null", "  LogLevel ERROR", "  BatchMode yes", "  ConnectTimeout 10", ""]))
-        # root's ~/.ssh on the hosts (bind-mounted over /root/.ssh there, as a cluster's shared home
-        # has it): its key, authorized_keys and client config make `ssh node02` work as on a cluster,
-        # for mpirun and horovodrun alike, and this machine's own ~/.ssh is never read or written.
-        self.home_ssh.mkdir(parents=True, exist_ok=True)
-        for name in ("id_ed25519", "id_ed25519.pub", "authorized_keys"):
-            shutil.copy(self.ssh_dir / name, self.home_ssh / name)
-        shutil.copy(self.ssh_config, self.home_ssh / "config")
-        self.home_ssh.chmod(0o700)
-        cluster_slots.make_shared(Path("/root/.ssh"), 0o700)  # the mount point
-        cluster_slots.make_shared(Path("/run/sshd"), 0o755)  # sshd's privilege-separation directory
-        munge_dir = self.root / "munge"
-        munge_dir.mkdir(mode=0o700, exist_ok=True)
-        key = munge_dir / "munge.key"
-        if not key.exists():
-            key.write_bytes(os.urandom(1024))
-            key.chmod(0o600)
-        cluster_slots.make_shared(Path(LOCAL_SCRATCH), 0o755)  # the mount point of each host's local disk
-        for host in self.hosts:
-            self.scratch(host).mkdir(parents=True, exist_ok=True)
-            (self.root / "tmp" / host).mkdir(parents=True, exist_ok=True)
-            (self.root / "spool" / host).mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").chmod(0o1777)
-        for host in self.hosts:
-            (self.root / "tmp" / host).chmod(0o1777)
-        self._write_slurm_conf()
-
-    def _write_slurm_conf(self) -> None:
-        cpus = os.cpu_count() or 2
-        memory = max(1024, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 / len(self.hosts) * 0.8))
-        head = self.hosts[0]
-        self.conf.write_text("\n".join([
-            "# Written by tests/cluster.py: a cluster of network-namespace hosts on one machine.",
-            f"ClusterName={self.tag}-test",
-            f"SlurmctldHost={head}({self.addr[head]})",
-            # Ports of their own: a site's Slurm on this machine (6817/6818) is never disturbed.
-            "SlurmctldPort=16817", "SlurmdPort=16818",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}",
-            f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}/%n",
-            f"SlurmctldPidFile={self.run_dir / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.run_dir / 'slurmd-%n.pid'}",
-            f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.log_dir / 'slurmd-%n.log'}",
-            f"TmpFS={self.root / 'tmp'}/%n",
-            "SlurmctldDebug=info", "SlurmdDebug=info", "MailProg=/bin/true",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "MpiDefault=none", f"KillWait={KILL_WAIT}", "ReturnToService=2", "MinJobAge=3600",
-            # Start jobs as soon as they are submitted or requeued: no batching delay, backfill and the main
-            # scheduler every second (its default 60 s left a requeued job pending ~9 s past its BeginTime).
-            "SchedulerType=sched/backfill",
-            "SchedulerParameters=bf_interval=1,batch_sched_delay=0,sched_min_interval=0,sched_interval=1",
-            "SlurmdTimeout=30",
-            "JobCompType=jobcomp/filetxt", f"JobCompLoc={self.log_dir / 'jobcomp.txt'}",
-            "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
-            *(f"NodeName={h} NodeAddr={self.addr[h]} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
-              for h in self.hosts),
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
 
     def _start_host(self, host: str) -> None:
         """The holder: a process in the host's network namespace that made its UTS and mount namespaces

@@ -207,7 +207,7 @@ def _stop_file_worker(shards, out):
 
 
 def test_the_stop_file_stops_every_rank_at_one_iteration_with_exit_0(tiny_train_shards, tmp_path):
-    # What a job script does on a requeue, a time limit or qdel (jobs/lib/launch.sh): write OUTPUT_DIR/STOP.
+    # What a job script does on a requeue, a time limit or qdel (jobs/lib/stop.sh): write OUTPUT_DIR/STOP.
     out = tmp_path / "run"
     log = out / "log.jsonl"
 

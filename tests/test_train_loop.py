@@ -84,7 +84,7 @@ def test_the_stop_record_is_written_once_the_stop_file_is_consumed(tiny_train_sh
     def one_epoch_then_request(*args, **kwargs):
         for progress in real_epoch(*args, **kwargs):
             if progress.iteration == 2:
-                stop.request_stop(out, "TERM")  # what jobs/lib/launch.sh does on a requeue
+                stop.request_stop(out, "TERM")  # what jobs/lib/stop.sh does on a requeue
             yield progress
 
     def log(self, kind, record):

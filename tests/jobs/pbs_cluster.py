@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import select
 import shutil
 import signal
@@ -36,11 +35,10 @@ from pathlib import Path
 
 from tests import cluster_slots
 from tests.cluster import Cluster
+from tests.jobs.pbs_user import NAME as USER_NAME, JobUser
 from tests.jobs.pbs_install import PBS_EXEC, PBSError, ensure_installed, why_unavailable  # noqa: F401 (conftest's)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REAPER = Path(__file__).with_name("reaper.py")  # started on every host
-USER = "megdet"           # the ordinary user the test jobs run as
 PRIVATE_PARENT = Path("/var/spool")  # a parent no one else can write to (PBS checks every ancestor)
 KILL_DELAY = 30           # the queue's kill_delay: seconds from qdel's/qrerun's SIGTERM to the SIGKILL
 PBS_PATH = f"{PBS_EXEC / 'bin'}:/usr/local/bin:/usr/bin:/bin"
@@ -78,17 +76,16 @@ def _read_pid(path: Path) -> int | None:
 
 class ClusterPBS:
     """``start()`` brings PBS up on ``cluster``'s hosts, ``stop()`` takes it down. ``qsub`` and the other
-    client commands run on the head host (``client()``), as ``USER`` by default."""
+    client commands run on the head host (``client()``), as the job user (tests/jobs/pbs_user.py) by default."""
 
     def __init__(self, cluster: Cluster, root: Path | None = None):
         self.cluster = cluster
         self.head = cluster.hosts[0]
         self.root = Path(root) if root else None
-        self.user = USER
+        self.job_user = JobUser(cluster)
+        self.user = self.job_user.name
         self._reapers: dict[str, subprocess.Popen] = {}
         self._pids: list[tuple[str, str, int]] = []   # (host, daemon, PID) of every daemon started
-        self._made_user = False
-        self._modes: dict[Path, int] = {}             # cluster paths opened to the user: their old modes
         self._made_root = False
 
     # --- paths -------------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ class ClusterPBS:
 
     @property
     def user_home(self) -> Path:
-        return Path(pwd.getpwnam(self.user).pw_dir)
+        return self.job_user.home
 
     @property
     def log_dir(self) -> Path:
@@ -116,7 +113,7 @@ class ClusterPBS:
         ensure_installed()
         try:
             self._files()
-            self._user()
+            self.job_user.make(self.root)
             for host in self.cluster.hosts:
                 self._start_host(host)
             self._configure()
@@ -151,56 +148,6 @@ class ClusterPBS:
         for path in self.root.glob("etc/*"):
             path.chmod(0o644)
         shutil.copy(REAPER, self.root / "reaper.py")
-
-    def _user(self) -> None:
-        """The job user: made when missing (home in the private directory), with the cluster's key and an
-        ssh config of its own, so that mpirun and horovodrun reach the other hosts as that user."""
-        try:
-            home = Path(pwd.getpwnam(self.user).pw_dir)
-            if home.parent.parent.name.startswith("hvd_megdet-pbs-") and not home.parent.parent.exists():
-                # Made by a test session that was killed: the next cluster removed its private directory
-                # (tests/cluster_slots.py), and its home with it.
-                _run(["userdel", "--force", self.user])
-                raise KeyError(self.user)
-        except KeyError:
-            # '*': no password, but not locked (sshd without PAM refuses a locked account's keys too)
-            _run(["useradd", "--create-home", "--home-dir", str(self.root / "home" / self.user),
-                  "--shell", "/bin/bash", "--user-group", "--password", "*", self.user])
-            self._made_user = True
-            (self.root / "home").chmod(0o755)
-        user = pwd.getpwnam(self.user)
-        home = Path(user.pw_dir)
-        home.mkdir(parents=True, exist_ok=True)
-        ssh = home / ".ssh"
-        ssh.mkdir(mode=0o700, exist_ok=True)
-        shutil.copy(self.cluster.ssh_key, ssh / "id_ed25519")
-        shutil.copy(self.cluster.ssh_key.with_suffix(".pub"), ssh / "id_ed25519.pub")
-        (ssh / "config").write_text("\n".join([
-            "Host *", f"  IdentityFile {ssh / 'id_ed25519'}", "  IdentitiesOnly yes", "  StrictHostKeyChecking no",
-            "  UserKnownHostsFile /dev/null", "  LogLevel ERROR", "  BatchMode yes", "  ConnectTimeout 10", ""]))
-        # A job runs in a login shell: what /etc/profile.d/pbs.sh does on a PBS site (qstat in the job).
-        profile = home / ".profile"
-        text = profile.read_text() if profile.exists() else ""
-        if f"{PBS_EXEC / 'bin'}:" not in text:
-            profile.write_text(text + f"\n# PBS's commands, as /etc/profile.d/pbs.sh puts them on a site\n"
-                                      f"PATH={PBS_EXEC / 'bin'}:$PATH\n")
-        for path in (home, profile, ssh, *ssh.iterdir()):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        (ssh / "id_ed25519").chmod(0o600)
-        # sshd opens AuthorizedKeysFile (the cluster's, for every user) with the user's rights, and the
-        # repository's venv may point at an interpreter below /root.
-        self._let_user_read(self.cluster.ssh_dir / "authorized_keys")
-        venv_python = REPO_ROOT / ".venv" / "bin" / "python"
-        self._let_user_read(Path(os.path.realpath(venv_python if venv_python.exists() else sys.executable)))
-
-    def _let_user_read(self, path: Path) -> None:
-        """o+x on every directory above ``path``, o+r on it (the old modes come back in ``stop()``)."""
-        for part in [*reversed(path.parents), path]:
-            mode = part.stat().st_mode & 0o7777
-            want = mode | (0o004 if part == path else 0o001)
-            if want != mode:
-                self._modes.setdefault(part, mode)
-                part.chmod(want)
 
     def _reaper(self, host: str) -> subprocess.Popen:
         if host not in self._reapers:
@@ -305,7 +252,7 @@ class ClusterPBS:
         mpi["HOROVOD_ARGS"] = f"--network-interface eth0 --ssh-identity-file {home / '.ssh' / 'id_ed25519'}"
         return {**env, **mpi, **extra}
 
-    def client(self, argv: list[str], user: str | None = USER, env: dict[str, str] | None = None,
+    def client(self, argv: list[str], user: str | None = USER_NAME, env: dict[str, str] | None = None,
                check: bool = True, timeout: float = 60, cwd: Path | str | None = None,
                host: str | None = None) -> subprocess.CompletedProcess:
         """A PBS client command on the head host (or ``host``): as the job user, in its login
@@ -341,8 +288,7 @@ class ClusterPBS:
         job output, shards); directories above it are made as needed."""
         path = self.root / "jobs" / name
         path.mkdir(parents=True)
-        user = pwd.getpwnam(self.user)
-        os.chown(path, user.pw_uid, user.pw_gid)
+        self.job_user.own(path)
         return path
 
     # --- taking it down ------------------------------------------------------------------------------------
@@ -370,7 +316,7 @@ class ClusterPBS:
             if _alive(pid):
                 _kill(pid, signal.SIGKILL)
         self._pids.clear()
-        self._kill_user_processes()
+        self.job_user.kill_processes()
         for reaper in self._reapers.values():   # kills and reaps whatever is still below it
             try:
                 reaper.stdin.close()
@@ -385,51 +331,16 @@ class ClusterPBS:
             if reaper.stdout:
                 reaper.stdout.close()
         self._reapers.clear()
-        for path, mode in self._modes.items():
-            if path.exists():
-                path.chmod(mode)
-        self._modes.clear()
-        if self._made_user:
-            _run(["userdel", "--force", self.user], check=False)  # zombies of its processes may remain
-            self._made_user = False
+        self.job_user.remove()
         if self._made_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self._made_root = False
-
-    def _kill_user_processes(self) -> None:
-        """The job user's processes on the cluster's hosts (ranks that sshd started, not the MoM)."""
-        try:
-            uid = pwd.getpwnam(self.user).pw_uid
-        except KeyError:
-            return
-        for _ in range(50):
-            pids = [pid for host in self.cluster.hosts for pid in self.cluster.processes(host)
-                    if _uid(pid) == uid and _alive(pid)]
-            if not pids:
-                return
-            for pid in pids:
-                _kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
 
     @staticmethod
     def _wait_gone(pids: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-
-
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    if check and proc.returncode != 0:
-        raise PBSError(f"'{' '.join(argv)}' failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
 
 
 if __name__ == "__main__":

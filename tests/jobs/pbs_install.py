@@ -6,7 +6,7 @@ import glob
 import subprocess
 from pathlib import Path
 
-from tests.cluster_install import InstallError, apt_install
+from tests.cluster_install import InstallError, apt_install, apt_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PBS_EXEC = Path("/opt/pbs")
@@ -49,12 +49,13 @@ def ensure_installed() -> None:
         proc = subprocess.run(["tar", "-xzpf", str(tarball), "-C", "/"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise PBSError(f"extracting {tarball} failed: {proc.stderr.strip()[-300:]}")
-    missing = _missing_packages()
-    if missing:
-        try:
-            apt_install(missing)
-        except InstallError as err:
-            raise PBSError(str(err)) from None
+    if _missing_packages():
+        with apt_lock():
+            try:
+                if _missing_packages():
+                    apt_install(_missing_packages())
+            except InstallError as err:
+                raise PBSError(str(err)) from None
     for tool in ("pbs_iff", "pbs_rcp"):  # they authenticate users' commands: setuid root
         path = PBS_EXEC / "sbin" / tool
         if path.stat().st_mode & 0o4000 == 0:

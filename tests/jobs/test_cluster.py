@@ -1,13 +1,16 @@
 """tests/cluster.py itself: a cluster starts beside running ones, and takes back the slot of one whose
 test session was killed (CI once failed every multi-host test on a machine where a killed session's
-cluster still held the addresses)."""
+cluster still held the addresses); its packages install while another installer holds dpkg's lock."""
+import fcntl
 import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from tests import cluster_slots
+from tests import cluster_install, cluster_slots
 from tests.cluster import Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,3 +56,39 @@ def test_a_cluster_starts_beside_a_running_one_and_takes_back_a_dead_ones_slot(c
     assert _netns(tag) == [] and not (cluster_slots.REGISTRY / f"{tag}.cluster").exists()
     assert not Path(f"/sys/class/net/{tag}br0").exists() and Path("/root/.ssh").is_dir()
     assert cluster.run("node01", ["ssh", "node02", "hostname"]).stdout.strip() == "node02"
+
+
+def _apt_get_install_running() -> bool:
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"apt-get", b"install"]:
+            return True
+    return False
+
+
+def test_an_install_waits_for_dpkg_held_by_another_installer():
+    # On a fresh machine both test workers installed the cluster's packages at once, and the second
+    # failed on dpkg's lock (every test of its cluster errored). Another program holding the lock
+    # (unattended-upgrades, a user's apt) must not fail the tests either.
+    done: list[BaseException | None] = []
+    with open("/var/lib/dpkg/lock-frontend", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # what dpkg itself takes
+        installer = threading.Thread(target=lambda: done.append(_try(cluster_install.apt_install, ["openssh-client"])))
+        installer.start()
+        deadline = time.monotonic() + 300
+        while installer.is_alive() and not _apt_get_install_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fcntl.lockf(lock, fcntl.LOCK_UN)
+    installer.join(timeout=600)
+    assert done == [None], done
+
+
+def _try(fn, *args) -> BaseException | None:
+    try:
+        fn(*args)
+    except BaseException as err:  # noqa: BLE001 (returned to the test's thread)
+        return err
+    return None

@@ -157,7 +157,7 @@ def test_env_sh_activates_the_repository_venv_unless_one_is_active(tmp_path):
 
 
 # --- how a stop request reaches the ranks ------------------------------------------------------------
-# The batch shell turns every request into OUTPUT_DIR/STOP (jobs/lib/launch.sh); the stand-in launcher
+# The batch shell turns every request into OUTPUT_DIR/STOP (jobs/lib/stop.sh); the stand-in launcher
 # (tests/jobs/_fakes.py) records what it would have done: "STOP <request>" when rank 0 would have seen the
 # file, "TERM" if a signal reached the launcher itself (which must not happen: mpirun would kill the
 # ranks while they save). Real ranks on real hosts: test_slurm.py and test_hosts.py.

@@ -30,7 +30,7 @@ def _train(cluster, *sets, python="python"):
 def test_every_script_parses():
     scripts = sorted(p for p in JOBS.rglob("*") if p.suffix in {".sh", ".sbatch", ".pbs"})
     names = {p.relative_to(JOBS).as_posix() for p in scripts}
-    assert {"slurm/megdet.sbatch", "pbs/megdet.pbs", "local/run.sh", "lib/launch.sh",
+    assert {"slurm/megdet.sbatch", "pbs/megdet.pbs", "local/run.sh", "lib/launch.sh", "lib/hosts.sh", "lib/stop.sh",
             "lib/stage_data.sh", "submit_table3.sh", "env.sh"} <= names
     for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
