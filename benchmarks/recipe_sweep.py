@@ -264,19 +264,29 @@ def train_one(spec: RunSpec, sizes: Sizes, seed: int, data: Path, out: Path, est
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=console, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own group: a hung run is stopped with its ranks
         try:
-            code = proc.wait(timeout=max(900.0, 4 * estimate))
+            # A cap for a run hung past its own stall watchdog, not a budget: the estimate can be 5x low
+            # (2 images per step: 1.25 s per step measured on a slow 2-core machine, 0.24 s estimated).
+            code = proc.wait(timeout=max(3600.0, 20 * estimate))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves and exits; the rerun resumes
-            try:
-                code = proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:  # too stuck to save: the rerun resumes from the last epoch
-                os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait()
+            code = _stop_run(proc)
+        except KeyboardInterrupt:  # Ctrl-C or TERM to the sweep: the run, in a group of its own, saves too
+            _stop_run(proc)
+            raise
     record["launches"].append({"started": round(start, 3), "returncode": code, "wall_s": round(time.time() - start, 1)})
     atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
     result = report_sweep.load_result(out)
     mmap = f", mmAP {100 * result.mmap:.1f}" if result.mmap is not None else ""
     return f"{result.status}{': ' + result.verdict.reason if result.verdict.reason else ''}{mmap}"
+
+
+def _stop_run(proc: subprocess.Popen) -> int:
+    """TERM to the run's ranks: the trainer saves and exits, and a rerun of the sweep resumes it."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # too stuck to save: the rerun resumes from the last epoch
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -325,4 +335,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops the sweep as Ctrl-C does
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except KeyboardInterrupt:
+        print("stopped: the run in progress saved a checkpoint; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

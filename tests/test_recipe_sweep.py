@@ -1,11 +1,16 @@
-"""benchmarks/recipe_sweep.py and hvd_megdet.tools.report_sweep (issue 23), without training anything:
-the plan obeys the linear rule and holds the controls, the hard synthetic set is opt-in, and the report
-judges divergence right on run directories written here as hvd_megdet.train and the sweep leave them."""
+"""benchmarks/recipe_sweep.py and hvd_megdet.tools.report_sweep (issue 23), almost without training:
+the plan obeys the linear rule and holds the controls, the hard synthetic set is opt-in, the report
+judges divergence right on run directories written here as hvd_megdet.train and the sweep leave them,
+and a TERM to the sweep stops the run it has in progress."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +200,38 @@ def test_judge_skipped_steps_and_zero_mmap():
                                                                        "skipped_steps": 3}]
     assert report_sweep.judge([{"returncode": 0}], "", train, True, 0.0).diverged is True
     assert report_sweep.judge([{"returncode": 0}], "", train, True, 0.2).diverged is False
+
+
+# ------------------------------------------------------------------------------------ stopping the sweep
+def _trainers(out: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"hvd_megdet.train" in argv and any(str(out).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_term_to_the_sweep_stops_the_run_in_progress_too(tmp_path):
+    # The run trains in a process group of its own (a hung run is killed with its ranks), so a TERM or
+    # Ctrl-C to the sweep reached no rank: the sweep ended and left its run training, orphaned.
+    out = tmp_path / "runs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "benchmarks/recipe_sweep.py", "--quick", "--out", str(out),
+                             "--data", str(tmp_path / "data")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not _trainers(out):
+            assert proc.poll() is None and time.monotonic() < deadline, "no run started"
+            time.sleep(0.05)
+        proc.terminate()
+        output = proc.communicate(timeout=600)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert "run the same command again to resume" in output
+    assert _trainers(out) == []  # the sweep waited for its run to end
