@@ -339,5 +339,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
     except KeyboardInterrupt:
-        print("stopped: the run in progress saved a checkpoint; run the same command again to resume", file=sys.stderr)
+        print("stopped (a run in progress saves a checkpoint first): run the same command again to resume",
+              file=sys.stderr)
         sys.exit(130)

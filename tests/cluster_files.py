@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ LOCAL_SCRATCH = "/srv"  # each host's own directory is mounted here: a node-loca
 
 def write_files(c: "Cluster") -> None:
     """The hosts file, ssh keys and configs, the munge key, each host's directories and slurm.conf."""
+    from tests.cluster import _sh  # a failure is one ClusterError line, as for every command of the cluster
     for d in (c.etc, c.run_dir, c.log_dir, c.ssh_dir, c.root / "state", c.munge_socket.parent):
         d.mkdir(parents=True, exist_ok=True)
     c.root.chmod(0o755)
@@ -32,8 +32,7 @@ def write_files(c: "Cluster") -> None:
     # ssh: one key for root's logins, one host key, an sshd_config and a client config of their own.
     for key in (c.ssh_key, c.ssh_dir / "host_ed25519"):
         if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True,
-                           capture_output=True, timeout=60)
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
     shutil.copy(c.ssh_key.with_suffix(".pub"), c.ssh_dir / "authorized_keys")
     c.ssh_dir.chmod(0o700)
     (c.ssh_dir / "sshd_config").write_text("\n".join([

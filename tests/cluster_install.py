@@ -55,9 +55,9 @@ def apt_lock():
 def apt_install(packages: list[str]) -> None:
     """`apt-get update` then install ``packages``; a failure raises InstallError with apt's last line."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq", "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_S}"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                 "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_S}", *packages]):
+    wait = ["-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_S}"]
+    for cmd in (["apt-get", "update", "-qq", *wait],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *wait, *packages]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]

@@ -83,7 +83,6 @@ class ClusterPBS:
         self.head = cluster.hosts[0]
         self.root = Path(root) if root else None
         self.job_user = JobUser(cluster)
-        self.user = self.job_user.name
         self._reapers: dict[str, subprocess.Popen] = {}
         self._pids: list[tuple[str, str, int]] = []   # (host, daemon, PID) of every daemon started
         self._made_root = False
@@ -99,6 +98,10 @@ class ClusterPBS:
     @property
     def client_conf(self) -> Path:
         return self.root / "etc" / "pbs.conf"
+
+    @property
+    def user(self) -> str:
+        return self.job_user.name
 
     @property
     def user_home(self) -> Path:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from tests import cluster_slots
 from tests.cluster import Cluster
 from tests.jobs.pbs_install import PBS_EXEC, PBSError
 
@@ -92,16 +91,8 @@ class JobUser:
             uid = pwd.getpwnam(self.name).pw_uid
         except KeyError:
             return
-        for _ in range(50):
-            pids = [pid for host in self.cluster.hosts for pid in self.cluster.processes(host) if _uid(pid) == uid]
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        cluster_slots.kill_until_gone(lambda: [pid for host in self.cluster.hosts
+                                               for pid in self.cluster.processes(host) if _uid(pid) == uid])
 
     def remove(self) -> None:
         """The old modes back on the cluster's files, and the user deleted if made here."""
