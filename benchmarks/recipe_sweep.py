@@ -47,21 +47,28 @@ from hvd_megdet.tools import report_sweep  # noqa: E402
 
 BASE_CONFIG = "configs/smoke_cpu.yaml"  # every key the sweep depends on is set again below
 BASE_LR, BASE_BATCH = 0.01, 2  # the demo's recipe (configs/demo_cpu.yaml): 0.02 for 4 images
-EVAL_EPOCHS = (2, 5, 8, 11, 14, 17)  # mmAP per epoch for Fig. 4 (those below a run's last epoch), then at the end
+EVAL_EPOCHS = (4, 8, 12, 16)  # mmAP per epoch for Fig. 4 (those below a run's last epoch), then at the end
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds on the 2-core machine, from figures measured before the sweep (none from it)."""
+    """Seconds on the slower 2-core machine (docs/testing.md), measured there before the sweep, side by side.
 
-    train_s_per_image: float = 0.75 / 4  # a smoke step (ResNet-18, 64-96 px, 64 RoIs): 0.75 s / 4 images, one core
-    speedup_2_cores: float = 1.54   # 2+ ranks against 1 (docs/benchmarks.md, bench_train, the demo's Horovod settings)
-    startup_s_per_rank: float = 5.0  # torch import and hvd.init (docs/planning.md: 8 ranks reach step 1 in 31 s)
-    eval_s_per_image: float = 0.3   # the demo's 0.25-0.45 s per validation image (configs/demo_cpu.yaml)
-    eval_fixed_s: float = 3.0       # COCOeval and the checkpoint before each evaluation (assumed)
-    checkpoint_s: float = 1.0       # ~220 MB, weights and momentum, at every epoch end (assumed)
-    report_s: float = 5.0           # the trainer's own report at its end, 4 PNGs (assumed)
-    data_s_per_image: float = 0.02  # writing and packing the synthetic set (assumed)
+    A step is a fixed cost (the ~30M-parameter allreduce, the optimizer, Python) plus a cost per image
+    each core computes: 1.24, 3.03 and 10.84 s per step at batch 2 (2 x 1 x 1), 8 (4 x 2 x 1) and 32
+    (4 x 2 x 4), i.e. 1, 4 and 16 images per core (2026-12-02, medians of 30, 16 and 6 steps, one run
+    after another, nothing else running). An image-only model (this class before) was 5x low at batch 2.
+    """
+
+    step_fixed_s: float = 0.6            # fitted to the three steps above (0.6 + 0.64 x 1, 4, 16)
+    train_s_per_image_core: float = 0.64
+    cores: int = 2
+    startup_s_per_rank: float = 4.5      # launch to the first step: 9.3 s for 2 ranks, 17.9 s for 4
+    eval_s_per_image: float = 0.375      # 24 s for 64 validation images on the 2 cores (batch-2 run, epoch 2)
+    eval_fixed_s: float = 2.0            # COCOeval on the gathered detections (assumed)
+    checkpoint_s: float = 1.0            # 0.7-1.1 s measured at each epoch end
+    report_s: float = 5.0                # the trainer's own report at its end, 4 PNGs (assumed)
+    data_s_per_image: float = 0.02       # writing and packing the synthetic set (assumed)
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,9 @@ class Sizes:
     max_iters: int = 0   # 0: the whole policy
 
 
-# 256 training images: every run sees 11 x 256 images; 32-image steps give 8 steps an epoch.
-FULL = Sizes("full", train_images=256, val_images=64, shapes={2: (2, 1, 1), 8: (4, 2, 1), 32: (4, 2, 4)},
+# 64 training images, so that 2 seeds of the 8 runs fit in about 1.5 h on the slower 2-core machine:
+# every run sees 11 x 64 images; 32-image steps give 2 steps an epoch, 8-image steps 8.
+FULL = Sizes("full", train_images=64, val_images=32, shapes={2: (2, 1, 1), 8: (4, 2, 1), 32: (4, 2, 4)},
              bn_batch=8, policy_batch=8)
 # 4 images: one 4-image step an epoch and two 2-image steps, so 2 steps end an epoch and evaluate.
 QUICK = Sizes("quick", train_images=4, val_images=4, shapes={2: (2, 1, 1), 4: (2, 2, 1)},
@@ -169,9 +177,9 @@ def steps_and_evals(spec: RunSpec, sizes: Sizes) -> tuple[int, tuple[int, ...], 
 def estimate_s(spec: RunSpec, sizes: Sizes, cost: CostModel = CostModel()) -> float:
     """Wall seconds of one run (see CostModel)."""
     steps, _, evals = steps_and_evals(spec, sizes)
-    speedup = cost.speedup_2_cores if spec.ranks > 1 else 1.0
-    train = steps * spec.global_batch * cost.train_s_per_image / speedup
-    evaluate = evals * (sizes.val_images * cost.eval_s_per_image / speedup + cost.eval_fixed_s)
+    images_per_core = spec.global_batch / min(spec.ranks, cost.cores)
+    train = steps * (cost.step_fixed_s + images_per_core * cost.train_s_per_image_core)
+    evaluate = evals * (sizes.val_images * cost.eval_s_per_image + cost.eval_fixed_s)
     saves = steps // iters_per_epoch(spec, sizes) + evals + 1
     return (cost.startup_s_per_rank * spec.ranks + train + evaluate + saves * cost.checkpoint_s
             + cost.report_s)
@@ -221,9 +229,10 @@ def print_plan(plan: list[RunSpec], sizes: Sizes, seeds: list[int], cost: CostMo
         print(f"{spec.name:40} {spec.global_batch:5d} {spec.scaled_lr:6.3g} {warmup_iters(spec, sizes):7d} "
               f"{steps:6d} {est / 60:8.1f}  {', '.join(spec.comparisons)}"
               f"{'  CONTROL: ' + spec.control if spec.control else ''}")
-    print(f"estimated total: {total / 60:.0f} min ({total / 3600:.2f} h) on 2 cores: per run start-up "
-          f"{cost.startup_s_per_rank:g} s/rank + images x {cost.train_s_per_image:.3g} s / {cost.speedup_2_cores} "
-          f"(2 cores) + evaluations + a checkpoint per epoch (benchmarks/recipe_sweep.py CostModel)")
+    print(f"estimated total: {total / 60:.0f} min ({total / 3600:.2f} h) on the slower 2-core machine: per run "
+          f"start-up {cost.startup_s_per_rank:g} s/rank + steps x ({cost.step_fixed_s:g} s + "
+          f"{cost.train_s_per_image_core:g} s per image per core) + evaluations + a checkpoint per epoch "
+          f"(benchmarks/recipe_sweep.py CostModel)")
     return total
 
 
@@ -231,7 +240,12 @@ def prepare_data(data: Path, sizes: Sizes) -> None:
     """The hard synthetic set, packed into shards, unless it is there (the demo's two commands)."""
     for split, images, seed in (("train", sizes.train_images, 1), ("val", sizes.val_images, 2)):
         shards = data / "shards" / split
-        if (shards / "manifest.json").exists():
+        manifest = shards / "manifest.json"
+        if manifest.exists():
+            found = json.loads(manifest.read_text())["num_images"]
+            if found != images:  # a set of another sweep's size: its runs would not be this plan's
+                raise SystemExit(f"error: {manifest}: {found} {split} images, the plan needs {images}: "
+                                 f"give another --data")
             continue
         raw = data / f"raw_{split}"
         subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--hard", "--out", str(raw), "--images",
@@ -249,6 +263,8 @@ def train_one(spec: RunSpec, sizes: Sizes, seed: int, data: Path, out: Path, est
         if done.status in ("finished", "diverged"):  # final: a rerun would only repeat it
             return f"{done.status} before: skipped"
         record = json.loads(record_path.read_text())
+        if record["spec"] != describe(spec, sizes, seed):  # resuming it would mix two plans in one run
+            raise SystemExit(f"error: {record_path}: a run of another plan (its spec differs): give another --out")
     else:
         record = {"launches": []}
     cmd = local_mpirun_command(spec.ranks) + [sys.executable, "-m", "hvd_megdet.train", "--config", BASE_CONFIG,

@@ -143,16 +143,18 @@ def test_report_rows_pool_seeds_and_flag_divergence(tmp_path):
     good = plan["bs8_4x2x1_cgbn8_warmup_normal"]
     no_warmup = plan["bs32_4x2x4_cgbn8_nowarmup_normal"]
     no_bn = plan["bs32_4x2x4_frozen_warmup_normal"]
-    falling = [2.5 * math.exp(-i / 150) + 0.3 for i in range(352)]
+    steps = {s.name: sweep.steps_and_evals(s, sweep.FULL)[0] for s in (good, no_bn)}
+    epochs = sweep.steps_and_evals(good, sweep.FULL)[1] + (11,)  # evaluated, then at the end
+    falling = [2.5 * math.exp(-i * 2 / steps[good.name]) + 0.3 for i in range(steps[good.name])]
     dirs = [
-        _write_run(tmp_path, good, 1, falling, {2: 0.05, 5: 0.12, 8: 0.18, 11: 0.20}, True, 0),
-        _write_run(tmp_path, good, 2, falling, {2: 0.06, 5: 0.15, 8: 0.27, 11: 0.30}, True, 0),
+        _write_run(tmp_path, good, 1, falling, dict(zip(epochs, (0.05, 0.12, 0.18, 0.20)[-len(epochs):])), True, 0),
+        _write_run(tmp_path, good, 2, falling, dict(zip(epochs, (0.06, 0.15, 0.27, 0.30)[-len(epochs):])), True, 0),
         # Stopped at step 13 on a NaN: the log just ends, the console and exit status tell.
         _write_run(tmp_path, no_warmup, 1, [2.4, 3.0, 5.5, 9.0, 14.0, 30.0, 55.0, 80.0, 120.0, 200.0, 400.0, 900.0],
                    {}, False, 3, console="[1,0]<stderr>:05:01:07 ERROR non-finite loss at iteration 12 on rank(s) "
                                           "[0, 2]: {'loss_classifier': nan} (rank 0); set solver.on_nonfinite=skip\n"),
         # Finished without a NaN, but its loss ended 15x where it began: diverged all the same.
-        _write_run(tmp_path, no_bn, 1, [2.0] + [30.0] * 87, {2: 0.0, 5: 0.0, 8: 0.0, 11: 0.0}, True, 0),
+        _write_run(tmp_path, no_bn, 1, [2.0] + [30.0] * (steps[no_bn.name] - 1), dict.fromkeys(epochs, 0.0), True, 0),
     ]
     report = report_sweep.write_sweep_report(report_sweep.find_run_dirs(tmp_path), tmp_path / "report")
     assert report_sweep.find_run_dirs(tmp_path) == sorted(dirs)
@@ -162,7 +164,7 @@ def test_report_rows_pool_seeds_and_flag_divergence(tmp_path):
     r = rows[good.name]
     assert (r["seeds"], r["judged"], r["diverged"]) == (2, 2, 0)
     assert (r["mmAP"], r["mmAP_min"], r["mmAP_max"]) == (pytest.approx(0.25), 0.20, 0.30)
-    assert r["steps"] == 352 and (r["global_batch"], r["bn_size"], r["warmup"]) == (8, 8, True)
+    assert r["steps"] == steps[good.name] and (r["global_batch"], r["bn_size"], r["warmup"]) == (8, 8, True)
     r = rows[no_warmup.name]
     assert (r["judged"], r["diverged"], r["mmAP"]) == (1, 1, None) and r["steps"] == 12
     assert r["reasons"] == ["stopped on a non-finite loss"] and r["control"]
