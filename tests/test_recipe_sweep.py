@@ -4,6 +4,7 @@ judges divergence right on run directories written here as hvd_megdet.train and 
 and a TERM to the sweep stops the run it has in progress."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -56,6 +57,28 @@ def test_dry_run_plan_obeys_the_linear_rule_and_holds_the_controls(tmp_path, cap
     assert all(s.warmup for s in plan if not s.control)
     assert {s.bn_size for s in plan if s.global_batch == 8 and s.policy == "normal"} == {0, 2, 8}
     assert {s.policy for s in plan} == {"normal", "long"}
+
+
+def test_a_set_or_a_run_of_another_plan_is_refused_not_resumed(tmp_path):
+    """The sizes changed between sweeps (256 training images before 4b674e7): resuming would train the
+    old plan's run on, or this plan on the old set, and report it as this plan's."""
+    shards = tmp_path / "data" / "shards" / "train"
+    shards.mkdir(parents=True)
+    (shards / "manifest.json").write_text(json.dumps({"num_images": sweep.FULL.train_images * 4}))
+    with pytest.raises(SystemExit, match=f"{shards / 'manifest.json'}: {sweep.FULL.train_images * 4} train images, "
+                                         f"the plan needs {sweep.FULL.train_images}"):
+        sweep.prepare_data(tmp_path / "data", sweep.FULL)
+
+    spec = sweep.build_plan(sweep.FULL)[0]
+    out = tmp_path / "runs" / f"{spec.name}_seed1"
+    out.mkdir(parents=True)
+    other = dataclasses.replace(sweep.FULL, train_images=sweep.FULL.train_images * 4)
+    record = out / report_sweep.SPEC_FILE
+    record.write_text(json.dumps({"spec": sweep.describe(spec, other, 1), "seed": 1, "launches": []}))
+    before = record.read_text()
+    with pytest.raises(SystemExit, match=f"{record}: a run of another plan"):
+        sweep.train_one(spec, sweep.FULL, 1, tmp_path / "data", out, estimate=1.0)
+    assert record.read_text() == before and not (out / report_sweep.CONSOLE_FILE).exists()  # nothing launched
 
 
 def test_quick_plan_is_a_handful_of_two_step_runs():
