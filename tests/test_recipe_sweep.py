@@ -45,7 +45,7 @@ def test_dry_run_plan_obeys_the_linear_rule_and_holds_the_controls(tmp_path, cap
         batch = lr_schedule.global_batch_size(cfg.data.images_per_rank, s.ranks, cfg.solver.backward_passes_per_step)
         assert batch == s.global_batch == s.ranks * s.images_per_rank * s.passes
         assert lr_schedule.scaled_lr(batch, cfg.solver.base_lr, cfg.solver.base_batch) == pytest.approx(
-            0.01 * batch / 2) == pytest.approx(s.scaled_lr)
+            0.02 * batch / 16) == pytest.approx(s.scaled_lr)
         assert (cfg.model.norm, cfg.solver.policy, cfg.train.seed) == (s.norm, s.policy, 1)
         assert (cfg.solver.warmup_iters > 0) == s.warmup and cfg.solver.on_nonfinite == "stop"
         ipe = sweep.iters_per_epoch(s, sweep.FULL)
