@@ -172,6 +172,9 @@ def test_report_rows_pool_seeds_and_flag_divergence(tmp_path):
     dirs = [
         _write_run(tmp_path, good, 1, falling, dict(zip(epochs, (0.05, 0.12, 0.18, 0.20)[-len(epochs):])), True, 0),
         _write_run(tmp_path, good, 2, falling, dict(zip(epochs, (0.06, 0.15, 0.27, 0.30)[-len(epochs):])), True, 0),
+        # Seeds 3 and 4 still training when the report is written (--report-only mid-sweep): in no median.
+        _write_run(tmp_path, good, 3, falling[:5], {}, False, 0),
+        _write_run(tmp_path, good, 4, falling[:9], {}, False, 0),
         # Stopped at step 13 on a NaN: the log just ends, the console and exit status tell.
         _write_run(tmp_path, no_warmup, 1, [2.4, 3.0, 5.5, 9.0, 14.0, 30.0, 55.0, 80.0, 120.0, 200.0, 400.0, 900.0],
                    {}, False, 3, console="[1,0]<stderr>:05:01:07 ERROR non-finite loss at iteration 12 on rank(s) "
@@ -185,8 +188,9 @@ def test_report_rows_pool_seeds_and_flag_divergence(tmp_path):
     assert list(rows) == [good.name, no_warmup.name, no_bn.name]  # the plan's order
 
     r = rows[good.name]
-    assert (r["seeds"], r["judged"], r["diverged"]) == (2, 2, 0)
+    assert (r["seeds"], r["judged"], r["diverged"]) == (4, 2, 0) and r["statuses"][2:] == ["interrupted"] * 2
     assert (r["mmAP"], r["mmAP_min"], r["mmAP_max"]) == (pytest.approx(0.25), 0.20, 0.30)
+    assert r["wall_s"] == pytest.approx(1.2 * steps[good.name] + 20)
     assert r["steps"] == steps[good.name] and (r["global_batch"], r["bn_size"], r["warmup"]) == (8, 8, True)
     r = rows[no_warmup.name]
     assert (r["judged"], r["diverged"], r["mmAP"]) == (1, 1, None) and r["steps"] == 12
@@ -204,7 +208,7 @@ def test_report_rows_pool_seeds_and_flag_divergence(tmp_path):
     for png in report.figures:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     seeds = json.loads(report.data.read_text())["seeds"]
-    assert sorted(s["status"] for s in seeds) == ["diverged", "diverged", "finished", "finished"]
+    assert sorted(s["status"] for s in seeds) == ["diverged", "diverged", "finished", "finished"] + ["interrupted"] * 2
 
 
 @pytest.mark.parametrize("launches, console, losses, finished, mmap, expected", [
