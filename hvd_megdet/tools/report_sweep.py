@@ -275,33 +275,49 @@ def plot_mmap_vs_batch(rows: Sequence[dict], path: Path) -> Path:
 def plot_per_epoch(results: Sequence[Result], path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, 7.0), dpi=120, layout="constrained")
+    fig = Figure(figsize=(8.0, 7.5), dpi=120, layout="constrained")
     mmap_ax, loss_ax = fig.subplots(2, 1, sharex=True)
     names = list(dict.fromkeys(r.spec["name"] for r in sorted(results, key=lambda r: r.spec.get("order", 0))))
+    # A diverged loss reaches 1e30 and would flatten every other curve: the loss axis stops at 10x the
+    # highest first-epoch loss, and a diverged run's curve ends there in an x.
+    firsts = [r.loss_per_epoch[min(r.loss_per_epoch)] for r in results if r.loss_per_epoch]
+    loss_top = 10 * max(firsts) if firsts else None
+    handles = []
     for i, name in enumerate(names):
         group = [r for r in results if r.spec["name"] == name]
+        diverged = all(r.verdict.diverged for r in group)
+        label = f"{name} (diverged)" if diverged else name
         for ax, key, scale in ((mmap_ax, "mmap_per_epoch", 100.0), (loss_ax, "loss_per_epoch", 1.0)):
             epochs = sorted({e for r in group for e in getattr(r, key)})
             points = [(e, scale * statistics.median(getattr(r, key)[e] for r in group if e in getattr(r, key)))
                       for e in epochs]
+            if key == "loss_per_epoch" and loss_top:
+                points = [(e, min(v, loss_top)) for e, v in points]
             if points:
-                ax.plot(*zip(*points), "o-" if key == "mmap_per_epoch" else "-", color=f"C{i % 10}",
-                        label=name, markersize=4)
+                line, = ax.plot(*zip(*points), "o-" if key == "mmap_per_epoch" else "-", color=f"C{i % 10}",
+                                label=label, markersize=4)
+                if key == "loss_per_epoch":
+                    handles.append(line)
+                    if diverged:
+                        ax.plot(*points[-1], "x", color=f"C{i % 10}", markersize=9, markeredgewidth=2, zorder=5)
     for policy, style in (("normal", "--"), ("long", ":")):
         if any(r.spec["policy"] == policy for r in results):
             for ax in (mmap_ax, loss_ax):
                 for epoch in lr_schedule.POLICIES[policy].decay_epochs:
                     ax.axvline(epoch, color="0.35", linestyle=style, linewidth=1)
     mmap_ax.set_ylabel("mmAP (%)")
-    mmap_ax.set_title("per epoch, median over seeds; LR decays dashed (normal) / dotted (long) (MegDet Fig. 4)")
+    fig.suptitle("mmAP and training loss per epoch, median over seeds (MegDet Fig. 4 in miniature)\n"
+                 "LR decays: dashed (normal policy), dotted (long)", fontsize="medium")
     loss_ax.set_ylabel("mean training loss")
     loss_ax.set_yscale("log")
+    if loss_top:
+        loss_ax.set_ylim(top=loss_top * 1.5)
     loss_ax.set_xlabel("epoch")
     for ax in (mmap_ax, loss_ax):
         ax.grid(True, alpha=0.3)
     loss_ax.xaxis.get_major_locator().set_params(integer=True)
-    if mmap_ax.lines or loss_ax.lines:  # one legend: both panels use the same colours
-        (mmap_ax if mmap_ax.lines else loss_ax).legend(fontsize="x-small", ncol=2)
+    if handles:  # one legend for both panels (same colours), every run in it, diverged ones too
+        fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize="x-small")
     return _save(fig, path)
 
 
