@@ -58,8 +58,8 @@ class CostModel:
 
     A step is a fixed cost (the ~30M-parameter allreduce, the optimizer, Python) plus a cost per image
     each core computes: 1.24, 3.03 and 10.84 s per step at batch 2 (2 x 1 x 1), 8 (4 x 2 x 1) and 32
-    (4 x 2 x 4), i.e. 1, 4 and 16 images per core (2026-12-02, medians of 30, 16 and 6 steps, one run
-    after another, nothing else running). An image-only model (this class before) was 5x low at batch 2.
+    (4 x 2 x 4), i.e. 1, 4 and 16 images per core (2026-12-02, medians over steps 4-30, 4-16 and 4-6 of
+    runs one after another, nothing else running). An image-only model (this class before) was 5x low at batch 2.
     """
 
     step_fixed_s: float = 0.6            # fitted to the three steps above (0.6 + 0.64 x 1, 4, 16)
@@ -86,7 +86,7 @@ class Sizes:
     max_iters: int = 0   # 0: the whole policy
 
 
-# 64 training images, so that 2 seeds of the 8 runs fit in about 1.5 h on the slower 2-core machine:
+# 64 training images, so that 2 seeds of the 8 runs fit in under 1.5 h on the slower 2-core machine (76 min):
 # every run sees 11 x 64 images; 32-image steps give 2 steps an epoch, 8-image steps 8.
 FULL = Sizes("full", train_images=64, val_images=32, shapes={2: (2, 1, 1), 8: (4, 2, 1), 32: (4, 2, 4)},
              bn_batch=8, policy_batch=8)

@@ -155,9 +155,9 @@ def pool(results: Sequence[Result]) -> list[dict[str, Any]]:
         judged = [r for r in group if r.verdict.diverged is not None]
         diverged = [r for r in judged if r.verdict.diverged]
         mmaps = [r.mmap for r in group if r.mmap is not None and not r.verdict.diverged]
-        # Steps and wall time of the seeds that ended: a seed still training (a report written mid-sweep)
-        # would pull the median down to wherever it is now.
-        ended = [r for r in group if r.status in ("finished", "diverged")] or group
+        # Steps and wall time of the judged seeds (those that ended): a seed still training (a report
+        # written mid-sweep) would pull the median down to wherever it is now.
+        ended = judged or group
         rows.append({
             "run": name, "compares": ", ".join(s.get("comparisons", ())), "control": s.get("control", ""),
             "global_batch": s["global_batch"], "ranks": s["ranks"], "images_per_rank": s["images_per_rank"],
