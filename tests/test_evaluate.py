@@ -51,8 +51,8 @@ def test_short_training_beats_random_model_floor(tiny_train_shards, tmp_path):
     assert untrained["mmAP"] < 0.02
     print(f"\n[evaluate] trained {trained['mmAP']:.3f} mmAP, random {untrained['mmAP']:.3f}")
     # 30 iterations at 256 sampled RoIs per image give about 0.20 (measured 2026-12-03, one process
-    # alone: 0.202 after 30, 0.177 after 40 in 25% more time; 0.129 at 128 RoIs and 0.022 at 64, which
-    # would not clear the floor); random < 0.02.
+    # alone: 0.202 after 30, 0.177 after 40 in 25% more time; at 40 iterations 0.129 with 128 RoIs and
+    # 0.022 with 64, which would not clear the floor); random < 0.02.
     assert trained["mmAP"] > 0.05, trained
     assert trained["mmAR"] > untrained["mmAR"] + 0.1
     detections = json.loads((tmp_path / "eval_trained" / "detections.json").read_text())
