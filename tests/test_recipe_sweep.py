@@ -211,6 +211,27 @@ def test_report_rows_pool_seeds_and_flag_divergence(tmp_path):
     assert sorted(s["status"] for s in seeds) == ["diverged", "diverged", "finished", "finished"] + ["interrupted"] * 2
 
 
+def test_mid_sweep_the_figure_marks_diverged_what_the_table_marks_failed(tmp_path, monkeypatch):
+    # One seed stopped on a NaN, the other still training: the table's "failed" counts ended seeds only,
+    # and the per-epoch figure must say the same of the run (it once required every seed, running ones too).
+    no_warmup = {s.name: s for s in sweep.build_plan(sweep.FULL)}["bs32_4x2x4_cgbn8_nowarmup_normal"]
+    _write_run(tmp_path, no_warmup, 1, [2.4, 3.0, 900.0], {}, False, 3)  # exit 3: stopped on a NaN
+    _write_run(tmp_path, no_warmup, 2, [2.4, 3.1], {}, False, 0)
+    figures, real_save = {}, report_sweep._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report_sweep, "_save", keep)
+    report = report_sweep.write_sweep_report(report_sweep.find_run_dirs(tmp_path), tmp_path / "report")
+    (row,) = report.rows
+    assert (row["judged"], row["diverged"]) == (1, 1)
+    assert "| failed |" in report.table
+    labels = [t.get_text() for legend in figures[report_sweep.FIGURES[1]].legends for t in legend.get_texts()]
+    assert labels == [f"{no_warmup.name} (diverged)"]
+
+
 @pytest.mark.parametrize("launches, console, losses, finished, mmap, expected", [
     ([{"returncode": 0}], "", [2.0, 1.0], True, 0.2, False),
     ([{"returncode": 3}], "", [2.0], False, None, True),                     # exit status alone

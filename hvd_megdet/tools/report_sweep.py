@@ -144,6 +144,18 @@ def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------
 # The tables
 # ---------------------------------------------------------------------------------------------------
+def judged(group: Sequence[Result]) -> list[Result]:
+    """The seeds that have a verdict: those that finished or diverged, not those still training (a
+    report written mid-sweep) or crashed otherwise."""
+    return [r for r in group if r.verdict.diverged is not None]
+
+
+def failed(group: Sequence[Result]) -> bool:
+    """A run failed (the table's "failed", the figures' "diverged") when every judged seed diverged."""
+    ended = judged(group)
+    return bool(ended) and all(r.verdict.diverged for r in ended)
+
+
 def pool(results: Sequence[Result]) -> list[dict[str, Any]]:
     """One row per run (spec name), its seeds pooled; in the plan's order."""
     by_name: dict[str, list[Result]] = {}
@@ -152,18 +164,18 @@ def pool(results: Sequence[Result]) -> list[dict[str, Any]]:
     rows = []
     for name, group in by_name.items():
         s = group[0].spec
-        judged = [r for r in group if r.verdict.diverged is not None]
-        diverged = [r for r in judged if r.verdict.diverged]
+        verdicts = judged(group)
+        diverged = [r for r in verdicts if r.verdict.diverged]
         mmaps = [r.mmap for r in group if r.mmap is not None and not r.verdict.diverged]
         # Steps and wall time of the judged seeds (those that ended): a seed still training (a report
         # written mid-sweep) would pull the median down to wherever it is now.
-        ended = judged or group
+        ended = verdicts or group
         rows.append({
             "run": name, "compares": ", ".join(s.get("comparisons", ())), "control": s.get("control", ""),
             "global_batch": s["global_batch"], "ranks": s["ranks"], "images_per_rank": s["images_per_rank"],
             "passes": s["passes"], "norm": s["norm"], "bn_size": s["bn_size"], "policy": s["policy"],
-            "warmup": s["warmup_iters"] > 0, "lr": s["scaled_lr"], "seeds": len(group), "judged": len(judged),
-            "diverged": len(diverged), "reasons": sorted({r.verdict.reason for r in diverged}),
+            "warmup": s["warmup_iters"] > 0, "lr": s["scaled_lr"], "seeds": len(group), "judged": len(verdicts),
+            "diverged": len(diverged), "failed": failed(group), "reasons": sorted({r.verdict.reason for r in diverged}),
             "mmAP": statistics.median(mmaps) if mmaps else None,
             "mmAP_min": min(mmaps) if mmaps else None, "mmAP_max": max(mmaps) if mmaps else None,
             "steps": statistics.median(r.steps for r in ended),
@@ -177,7 +189,7 @@ def _pct(v: float | None) -> str:
 
 
 def _mmap_cell(row: dict) -> str:
-    if row["judged"] and row["diverged"] == row["judged"]:
+    if row["failed"]:
         return "failed"  # as the paper's Table 2 writes it
     if row["mmAP"] is None:
         return "–"
@@ -200,16 +212,16 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         control = bool(r["control"])
-        failed = "–"
+        control_failed = "–"
         if control:
-            failed = "not run yet" if not r["judged"] else (
-                "yes" if r["diverged"] == r["judged"] else "no" if not r["diverged"] else "partly"
+            control_failed = "not run yet" if not r["judged"] else (
+                "yes" if r["failed"] else "no" if not r["diverged"] else "partly"
             ) + f" ({r['diverged']}/{r['judged']} seeds diverged)"
         cells = [r["run"], r["compares"], str(r["global_batch"]),
                  f"{r['ranks']} x {r['images_per_rank']} x {r['passes']}",
                  f"{r['bn_size']} ({r['norm']})", r["policy"], "yes" if r["warmup"] else "no", f"{r['lr']:.3g}",
                  _mmap_cell(r), f"{r['steps']:.0f}", f"{r['wall_s'] / 60:.1f}",
-                 _count_cell(r["diverged"], r["judged"]), "fails" if control else "–", failed]
+                 _count_cell(r["diverged"], r["judged"]), "fails" if control else "–", control_failed]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -285,7 +297,7 @@ def plot_per_epoch(results: Sequence[Result], path: Path) -> Path:
     handles = []
     for i, name in enumerate(names):
         group = [r for r in results if r.spec["name"] == name]
-        diverged = all(r.verdict.diverged for r in group)
+        diverged = failed(group)
         label = f"{name} (diverged)" if diverged else name
         for ax, key, scale in ((mmap_ax, "mmap_per_epoch", 100.0), (loss_ax, "loss_per_epoch", 1.0)):
             epochs = sorted({e for r in group for e in getattr(r, key)})
