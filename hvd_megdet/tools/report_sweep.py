@@ -151,7 +151,8 @@ def judged(group: Sequence[Result]) -> list[Result]:
 
 
 def failed(group: Sequence[Result]) -> bool:
-    """A run failed (the table's "failed", the figures' "diverged") when every judged seed diverged."""
+    """A run failed (the table's "failed", the per-epoch figure's "(diverged)") when every judged seed
+    diverged."""
     ended = judged(group)
     return bool(ended) and all(r.verdict.diverged for r in ended)
 
