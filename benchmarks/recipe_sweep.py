@@ -196,7 +196,7 @@ def overrides(spec: RunSpec, sizes: Sizes, seed: int, data: Path, out: Path) -> 
         "data.num_workers=0",
         "model.backbone=resnet18", f"model.norm={spec.norm}",
         f"model.bn_group_size={spec.ranks if spec.norm == 'cgbn' else 'null'}",
-        "model.box_batch_size_per_image=64", "model.backbone_weights=",
+        "model.box_batch_size_per_image=64", "model.box_fc_dim=1024", "model.backbone_weights=",
         f"solver.base_lr={BASE_LR}", f"solver.base_batch={BASE_BATCH}", f"solver.policy={spec.policy}",
         f"solver.warmup_iters={warmup_iters(spec, sizes)}",
         f"solver.backward_passes_per_step={spec.passes}", "solver.on_nonfinite=stop",

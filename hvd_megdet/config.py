@@ -43,6 +43,7 @@ class ModelConfig:
     trainable_layers: int = 5     # ResNet stages trained (5 = all); frozen stages use frozen BN
     sublinear_memory: bool = False  # activation checkpointing of every bottleneck block
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box head (paper, torchvision: 512)
+    box_fc_dim: int = 1024        # width of the box head's fully connected layers (paper, torchvision: 1024)
 
 
 @dataclass(frozen=True)

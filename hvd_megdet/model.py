@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -122,6 +122,9 @@ def build_backbone(cfg: ModelConfig, dist: DistContext) -> BackboneWithFPN:
         out_channels=256, extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
 
 
+TORCHVISION_BOX_FC_DIM = 1024  # FasterRCNN's own box head and predictor width
+
+
 def build_model(cfg: ModelConfig, dist: DistContext, num_classes: int, *,
                 min_size: int = 800, max_size: int = 1333) -> FasterRCNN:
     """Faster R-CNN with FPN, as in MegDet Sec. 4.
@@ -134,13 +137,20 @@ def build_model(cfg: ModelConfig, dist: DistContext, num_classes: int, *,
             resize leaves already-resized images as they are.
     """
     backbone = build_backbone(cfg, dist)
-    box_head = None
+    # torchvision builds the box head's predictor, 1024 wide (the paper's), after the RPN; it is built
+    # here only for another width, so that a seed still initialises the default model as before.
+    roi = (backbone.out_channels, 7, 7)  # MultiScaleRoIAlign's 7x7 output per FPN channel
+    box_head = box_predictor = None
     if cfg.bn_in_head:
-        head_norm = _norm_factory(cfg.norm, dist)
-        box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
-                                      norm_layer=head_norm)
-    model = FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                       box_head=box_head, box_batch_size_per_image=cfg.box_batch_size_per_image)
+        box_head = FastRCNNConvFCHead(roi, [256, 256, 256, 256], [cfg.box_fc_dim],
+                                      norm_layer=_norm_factory(cfg.norm, dist))
+    elif cfg.box_fc_dim != TORCHVISION_BOX_FC_DIM:
+        box_head = TwoMLPHead(roi[0] * roi[1] * roi[2], cfg.box_fc_dim)
+    if cfg.box_fc_dim != TORCHVISION_BOX_FC_DIM:
+        box_predictor = FastRCNNPredictor(cfg.box_fc_dim, num_classes)
+    model = FasterRCNN(backbone, num_classes=None if box_predictor else num_classes, min_size=min_size,
+                       max_size=max_size, box_head=box_head, box_predictor=box_predictor,
+                       box_batch_size_per_image=cfg.box_batch_size_per_image)
     _name_collectives(model)
     return model
 

@@ -37,7 +37,7 @@ assert not any(name.startswith("hvd_megdet") and mod is not None for name, mod i
 
 MODES = {
     "cgbn": [],
-    "frozen": ["model.norm=frozen"],
+    "frozen": ["model.norm=frozen", "model.box_fc_dim=1024"],  # the paper's head width (the smoke config's is 128)
     "local_bn_fpn_head": ["model.norm=local", "model.bn_in_fpn=true", "model.bn_in_head=true"],
     "sublinear_partly_frozen": ["model.sublinear_memory=true", "model.trainable_layers=3", "model.backbone=resnet34"],
 }
@@ -80,6 +80,7 @@ def test_exported_file_contents(tiny_train_shards, tmp_path):
     assert exported["format"] == export.FORMAT and exported["backbone"] == "resnet18"
     assert (exported["min_size"], exported["max_size"]) == (64, 96)
     assert exported["fpn_in_channels"] == [64, 128, 256, 512]
+    assert exported["box_fc_dim"] == 128 == exported["model"]["roi_heads.box_head.fc6.weight"].shape[0]
     ds = ShardedCocoDataset(tiny_train_shards)
     assert [c["id"] for c in exported["categories"]] == list(ds.label_to_category_id[1:])
     assert not [k for k in exported["model"] if k.endswith("num_batches_tracked")]

@@ -312,7 +312,7 @@ def _launch_trainer(train_path: Path, out: Path, *sets: str) -> subprocess.Popen
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     cmd = local_mpirun_command(2) + [sys.executable, "-m", "hvd_megdet.train", "--set", f"data.train_path={train_path}",
                                      "data.val_path=", f"train.output_dir={out}", "model.backbone=resnet18",
-                                     "model.box_batch_size_per_image=64",
+                                     "model.box_batch_size_per_image=64", "model.box_fc_dim=128",
                                      "data.images_per_rank=2", "data.min_size=64", "data.max_size=96",
                                      "data.num_workers=1", "train.device=cpu", "train.progress=false", *sets]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

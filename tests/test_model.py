@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -19,7 +20,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from hvd_megdet.cgbn import CrossGPUBatchNorm2d
 from hvd_megdet.comm import DistContext
 from hvd_megdet.config import ModelConfig, load_config
-from hvd_megdet.model import CheckpointedStage, build_model, count_norm_layers
+from hvd_megdet.model import CheckpointedStage, build_backbone, build_model, count_norm_layers
 from tests.mpirun import REPO_ROOT
 
 NUM_CLASSES = 5
@@ -143,6 +144,33 @@ def test_cgbn_collective_names_are_module_paths():
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CrossGPUBatchNorm2d)]
     assert len(layers) == 32
     assert [m.collective_name for _, m in layers] == [f"cgbn.{n}" for n, _ in layers]
+
+
+def test_default_box_head_is_torchvision_s_own_initialised_as_before():
+    # box_fc_dim at its default builds no head of its own: FasterRCNN's, drawn from the seed in the same
+    # order as a FasterRCNN given only the backbone (a seed's model is what it was before the knob).
+    cfg = ModelConfig(backbone="resnet18", norm="frozen")
+    torch.manual_seed(0)
+    ours = build_model(cfg, DistContext(), NUM_CLASSES).state_dict()
+    torch.manual_seed(0)
+    ref = FasterRCNN(build_backbone(cfg, DistContext()), num_classes=NUM_CLASSES).state_dict()
+    assert ours.keys() == ref.keys()
+    for name, tensor in ref.items():
+        assert torch.equal(ours[name], tensor), name
+    assert ours["roi_heads.box_head.fc6.weight"].shape == (1024, 256 * 7 * 7)
+
+
+@pytest.mark.parametrize("bn_in_head", [False, True])
+def test_box_fc_dim_sets_the_box_head_width(bn_in_head):
+    model = _build(ModelConfig(backbone="resnet18", norm="local", bn_in_head=bn_in_head, box_fc_dim=128))
+    fcs = [m for m in model.roi_heads.box_head.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in fcs] == ([128] if bn_in_head else [128, 128])
+    predictor = model.roi_heads.box_predictor
+    assert (predictor.cls_score.in_features, predictor.cls_score.out_features) == (128, NUM_CLASSES)
+    assert (predictor.bbox_pred.in_features, predictor.bbox_pred.out_features) == (128, 4 * NUM_CLASSES)
+    losses, grads, _ = _training_step(model)  # trains: every head parameter gets a gradient
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert {n for n, p in model.named_parameters() if n.startswith("roi_heads.")} <= grads.keys()
 
 
 # ---------------------------------------------------------------------------------------------------

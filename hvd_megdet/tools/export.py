@@ -4,7 +4,7 @@
 
 The file is a dict that ``torch.load(path, weights_only=True)`` reads (tensors, strings, numbers,
 lists and dicts only): "model" (the state dict), "backbone" (resnet18/34/50/101), "fpn_in_channels",
-"bn_in_fpn", "bn_in_head", "categories" ({"id", "name", ...} in label order: label i is
+"bn_in_fpn", "bn_in_head", "box_fc_dim", "categories" ({"id", "name", ...} in label order: label i is
 categories[i - 1]; COCO category ids, not labels, are what a results file holds), "min_size",
 "max_size" and, for the record, "norm" and "config" (the training run's).
 
@@ -38,7 +38,7 @@ import torch
 import torchvision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 m = torch.load("model.pt", weights_only=True)
@@ -46,8 +46,10 @@ norm = FrozenBatchNorm2d  # eval-mode BN: the trained weight, bias and running s
 resnet = getattr(torchvision.models, m["backbone"])(weights=None, norm_layer=norm)
 backbone = BackboneWithFPN(resnet, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
                            m["fpn_in_channels"], 256, norm_layer=norm if m["bn_in_fpn"] else None)
-box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=norm) if m["bn_in_head"] else None
-model = FasterRCNN(backbone, num_classes=len(m["categories"]) + 1, box_head=box_head,
+fc = m.get("box_fc_dim", 1024)  # the box head's width (not in files exported before it could differ)
+box_head = (FastRCNNConvFCHead((256, 7, 7), [256] * 4, [fc], norm_layer=norm) if m["bn_in_head"]
+            else TwoMLPHead(256 * 7 * 7, fc))
+model = FasterRCNN(backbone, box_head=box_head, box_predictor=FastRCNNPredictor(fc, len(m["categories"]) + 1),
                    min_size=m["min_size"], max_size=m["max_size"])
 model.load_state_dict(m["model"])  # strict: every weight has its place
 model.eval()
@@ -78,6 +80,7 @@ def export_dict(detector: Detector) -> dict[str, Any]:
         "fpn_in_channels": [int(block[0].in_channels) for block in model.backbone.fpn.inner_blocks],
         "bn_in_fpn": cfg.model.bn_in_fpn,
         "bn_in_head": cfg.model.bn_in_head,
+        "box_fc_dim": cfg.model.box_fc_dim,
         "categories": [_plain({k: c[k] for k in ("id", "name", "supercategory") if k in c})
                        for c in detector.categories],
         "min_size": cfg.data.min_size,

@@ -30,8 +30,9 @@ def test_local_run_two_ranks_two_iterations(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, NP="2", CONFIG=CONFIG, DATA_PATH=str(shards), VAL_PATH=str(shards),
                OUTPUT_DIR=str(out), OMP_NUM_THREADS="1")
-    # 64 sampled RoIs per image, not the demo's 512: nothing here judges the model.
-    proc = subprocess.run(["bash", str(LOCAL), "train.max_iters=2", "model.box_batch_size_per_image=64"], env=env,
+    # 64 sampled RoIs per image, not the demo's 512, and a 128-wide box head: nothing here judges the model.
+    proc = subprocess.run(["bash", str(LOCAL), "train.max_iters=2", "model.box_batch_size_per_image=64",
+                           "model.box_fc_dim=128"], env=env,
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     checkpoints = sorted((out / "checkpoints").glob("ckpt_*.pt"))
