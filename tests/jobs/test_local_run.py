@@ -31,8 +31,9 @@ def test_local_run_two_ranks_two_iterations(tmp_path):
     env = dict(os.environ, NP="2", CONFIG=CONFIG, DATA_PATH=str(shards), VAL_PATH=str(shards),
                OUTPUT_DIR=str(out), OMP_NUM_THREADS="1")
     # 64 sampled RoIs per image, not the demo's 512, and a 128-wide box head: nothing here judges the model.
-    proc = subprocess.run(["bash", str(LOCAL), "train.max_iters=2", "model.box_batch_size_per_image=64",
-                           "model.box_fc_dim=128"], env=env,
+    # Every run into the directory keeps the head its checkpoints were trained with.
+    small = ["model.box_batch_size_per_image=64", "model.box_fc_dim=128"]
+    proc = subprocess.run(["bash", str(LOCAL), "train.max_iters=2", *small], env=env,
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     checkpoints = sorted((out / "checkpoints").glob("ckpt_*.pt"))
@@ -41,14 +42,14 @@ def test_local_run_two_ranks_two_iterations(tmp_path):
     assert (out / "finished.json").is_file()
 
     # Running again into the finished run is refused before anything starts, in one line.
-    again = subprocess.run(["bash", str(LOCAL), "train.max_iters=2"], env=env, cwd=REPO_ROOT,
+    again = subprocess.run(["bash", str(LOCAL), "train.max_iters=2", *small], env=env, cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 1 and f"{out} holds a finished run" in again.stderr, again.stderr[-4000:]
     assert "running:" not in again.stderr
 
     # EXTEND=1 resumes from that checkpoint instead of starting over (the requeue path of the cluster
     # jobs); with max_iters already reached the trainer says so and does nothing.
-    extended = subprocess.run(["bash", str(LOCAL), "train.max_iters=2"], env={**env, "EXTEND": "1"}, cwd=REPO_ROOT,
+    extended = subprocess.run(["bash", str(LOCAL), "train.max_iters=2", *small], env={**env, "EXTEND": "1"}, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=900)
     assert extended.returncode == 0, extended.stdout[-4000:] + extended.stderr[-4000:]
     assert "resumed from" in extended.stdout + extended.stderr
