@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: hvd_megdet and data_prep from this checkout
 
+from data_prep import synthetic  # noqa: E402
 from hvd_megdet.ranks import local_mpirun_command  # noqa: E402
 
 WIDTHS = (1024, 128)
@@ -33,16 +34,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--np", type=int, default=4, help="ranks per run")
     parser.add_argument("--iters", type=int, default=4, help="training steps per run (a checkpoint after each)")
     return parser
-
-
-def make_shards(root: Path) -> Path:
-    raw, shards = root / "raw", root / "shards"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(raw), "--images", "16",
-                    "--size", "96x64", "--seed", "1", "--split", "train"], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_prep.coco_to_hdf5", "--images", str(raw / "images"),
-                    "--annotations", str(raw / "annotations" / "instances_train.json"), "--out", str(shards),
-                    "--images-per-shard", "8"], cwd=ROOT, check=True, capture_output=True)
-    return shards
 
 
 def one_run(args, shards: Path, out: Path, width: int) -> tuple[float, float]:
@@ -61,7 +52,7 @@ def one_run(args, shards: Path, out: Path, width: int) -> tuple[float, float]:
 
 def main(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_smoke_") as tmp:
-        shards = make_shards(Path(tmp))
+        shards = synthetic.make_shards(Path(tmp), 16, "96x64", seed=1)  # 8 images per shard
         runs: dict[int, list[tuple[float, float]]] = {w: [] for w in WIDTHS}
         for r in range(args.rounds):
             for width in WIDTHS:

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RANK_SCRIPT = ROOT / "benchmarks" / "_rehearse_rank.py"
 sys.path.insert(0, str(ROOT))
 
+from data_prep import synthetic  # noqa: E402
 from hvd_megdet.data import h5_schema as S  # noqa: E402  (torch-free)
 from hvd_megdet.ranks import local_mpirun_command  # noqa: E402
 
@@ -79,19 +80,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------- jobs
-def make_shards(work: Path, images: int) -> Path:
-    """data_prep.synthetic then data_prep.coco_to_hdf5, as a user runs them."""
-    raw, shards = work / "raw", work / "shards"
-    if (shards / "manifest.json").exists():
-        return shards
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(raw), "--images", str(images),
-                    "--size", "64x48", "--seed", "5"], check=True, cwd=ROOT, capture_output=True)
-    subprocess.run([sys.executable, "-m", "data_prep.coco_to_hdf5", "--images", str(raw / "images"),
-                    "--annotations", str(raw / "annotations" / "instances_train.json"), "--out", str(shards),
-                    "--images-per-shard", "64"], check=True, cwd=ROOT, capture_output=True)
-    return shards
-
-
 class MemoryWatch(threading.Thread):
     """Samples the summed proportional set size (Pss: shared pages split among their users) of a job's
     rank processes, and the machine's available memory, every ``interval`` seconds."""
@@ -335,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     scales = [int(s) for s in opts.scales.split(",") if s]
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="rehearse_"))
     work.mkdir(parents=True, exist_ok=True)
-    shards = make_shards(work, opts.images)
+    shards = work / "shards" / "train"
+    if not (shards / "manifest.json").exists():  # --keep: made once
+        synthetic.make_shards(work, opts.images, "64x48", seed=5, images_per_shard=64)
     image_ids = [i for s in S.load_manifest(shards)[S.M_SHARDS] for i in s[S.S_IMAGE_IDS]]
     print(f"work directory {work}; {len(image_ids)} synthetic images; model {opts.model}")
     rows, results = [], []

@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,21 @@ def make_synthetic_coco(out: str | Path, num_images: int, size: tuple[int, int],
     tmp.write_text(json.dumps(coco), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def make_shards(out: str | Path, num_images: int, size: str, seed: int, split: str = "train",
+                images_per_shard: int = 8) -> Path:
+    """A synthetic split packed into shards, by the two commands a user runs (``python -m
+    data_prep.synthetic``, then ``python -m data_prep.coco_to_hdf5``): ``OUT/raw``, then
+    ``OUT/shards/<split>``, which it returns. For the tests and benchmarks."""
+    raw, shards = Path(out).resolve() / "raw", Path(out).resolve() / "shards" / split
+    here = Path(__file__).resolve().parent.parent  # where `-m data_prep` is found, installed or not
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(raw), "--images", str(num_images),
+                    "--size", size, "--seed", str(seed), "--split", split], check=True, cwd=here, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.coco_to_hdf5", "--images", str(raw / "images"),
+                    "--annotations", str(raw / "annotations" / f"instances_{split}.json"), "--out", str(shards),
+                    "--images-per-shard", str(images_per_shard)], check=True, cwd=here, capture_output=True)
+    return shards
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -207,6 +207,36 @@ def check_world(state: dict[str, Any], world_size: int, global_batch: int, path:
             f"(optionally with model.backbone_weights) to start over.")
 
 
+def check_model(state: dict[str, Any], model_state: dict[str, torch.Tensor], model_cfg: dict[str, Any],
+                path: str | Path) -> None:
+    """Refuse to resume into a model that does not hold the checkpoint's parameters.
+
+    ``model_state`` is the state dict of the model this run built from ``model_cfg`` (its config's
+    ``model`` section as a dict). Names the first parameter that differs and the model settings that
+    differ from the config the checkpoint records, instead of load_state_dict's traceback on every rank.
+    """
+    theirs = state["model"]
+    only_here = [k for k in model_state if k not in theirs]
+    only_there = [k for k in theirs if k not in model_state]
+    shapes = [k for k in model_state if k in theirs and tuple(theirs[k].shape) != tuple(model_state[k].shape)]
+    if not (only_here or only_there or shapes):
+        return
+    if shapes:
+        k = shapes[0]
+        first = f"{k} is {list(theirs[k].shape)} there, {list(model_state[k].shape)} here"
+    elif only_there:
+        first = f"{only_there[0]} is only there"
+    else:
+        first = f"{only_here[0]} is only here"
+    recorded = (state.get("config") or {}).get("model", {})
+    settings = [f"model.{k}={recorded[k]!r} there, {v!r} here" for k, v in model_cfg.items()
+                if k in recorded and recorded[k] != v]
+    raise CheckpointError(
+        f"{path} holds another model than this run's config builds ({first}; "
+        f"{'; '.join(settings) if settings else 'no model setting recorded with it differs'}). Resume with "
+        f"the config it was trained with (config.yaml in its output directory), or use a new train.output_dir.")
+
+
 def _plain_rng(old: dict[str, Any]) -> dict[str, Any]:
     """One rank's RNG states as written before weights-only loading (tuples with a NumPy array)."""
     version, internal, gauss = old["python"]

@@ -151,6 +151,7 @@ def run(cfg: Config, ctx: comm.DistContext, resume: str | None = None, debug: bo
     if path:
         state = found[1] if found else checkpoint.load_checkpoint(path)
         checkpoint.check_world(state, ctx.size, global_batch, path)
+        checkpoint.check_model(state, model.state_dict(), to_dict(cfg)["model"], path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):

@@ -1,12 +1,12 @@
 """Shared fixtures: a small synthetic COCO split packed into shards by the real data_prep commands."""
 import os
 import shutil
-import subprocess
 import tempfile
-import sys
 from pathlib import Path
 
 import pytest
+
+from data_prep import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests start more MPI ranks than this machine has cores: a rank waiting in MPI yields its core (Open MPI
@@ -30,15 +30,7 @@ def pytest_collection_modifyitems(items):
 
 def make_synthetic_shards(out: Path, images: int, size: str, seed: int, split: str = "train") -> Path:
     """data_prep.synthetic then data_prep.coco_to_hdf5, as a user runs them; returns the shard dir."""
-    raw = out / "raw"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(raw), "--images", str(images),
-                    "--size", size, "--seed", str(seed), "--split", split], check=True, cwd=ROOT,
-                   capture_output=True)
-    shards = out / "shards" / split
-    subprocess.run([sys.executable, "-m", "data_prep.coco_to_hdf5", "--images", str(raw / "images"),
-                    "--annotations", str(raw / "annotations" / f"instances_{split}.json"),
-                    "--out", str(shards), "--images-per-shard", "8"], check=True, cwd=ROOT, capture_output=True)
-    return shards
+    return synthetic.make_shards(out, images, size, seed, split)
 
 
 @pytest.fixture(scope="session")

@@ -162,7 +162,10 @@ def test_default_box_head_is_torchvision_s_own_initialised_as_before():
 
 @pytest.mark.parametrize("bn_in_head", [False, True])
 def test_box_fc_dim_sets_the_box_head_width(bn_in_head):
-    model = _build(ModelConfig(backbone="resnet18", norm="local", bn_in_head=bn_in_head, box_fc_dim=128))
+    # The images of _training_step at their own size (the default 800 px would upscale them 6x), and 64
+    # sampled RoIs instead of 512 (the BN head's four convolutions run on every one).
+    model = _build(ModelConfig(backbone="resnet18", norm="local", bn_in_head=bn_in_head, box_fc_dim=128,
+                               box_batch_size_per_image=64), min_size=128, max_size=128)
     fcs = [m for m in model.roi_heads.box_head.modules() if isinstance(m, nn.Linear)]
     assert [m.out_features for m in fcs] == ([128] if bn_in_head else [128, 128])
     predictor = model.roi_heads.box_predictor
@@ -249,11 +252,13 @@ def _training_step(model: nn.Module):
 
 @pytest.mark.parametrize("norm", ["local", "cgbn"])
 def test_sublinear_memory_gives_the_same_step(norm):
+    # Checkpointing is the backbone's: a small box head (64 RoIs, 128 features) keeps the step cheap.
+    small_head = {"box_batch_size_per_image": 64, "box_fc_dim": 128}
     torch.manual_seed(0)
-    plain = build_model(ModelConfig(backbone="resnet18", norm=norm), DistContext(), NUM_CLASSES,
+    plain = build_model(ModelConfig(backbone="resnet18", norm=norm, **small_head), DistContext(), NUM_CLASSES,
                         min_size=128, max_size=128)
-    ckpt = build_model(ModelConfig(backbone="resnet18", norm=norm, sublinear_memory=True), DistContext(),
-                       NUM_CLASSES, min_size=128, max_size=128)
+    ckpt = build_model(ModelConfig(backbone="resnet18", norm=norm, sublinear_memory=True, **small_head),
+                       DistContext(), NUM_CLASSES, min_size=128, max_size=128)
     assert list(ckpt.state_dict()) == list(plain.state_dict())
     ckpt.load_state_dict(plain.state_dict())
     assert all(isinstance(getattr(ckpt.backbone.body, s), CheckpointedStage) for s in STAGES)

@@ -199,3 +199,19 @@ def test_weight_decay_is_uniform_by_default_and_the_exemption_is_an_option():
     assert len(uniform.param_groups[0]["params"]) == 4  # conv weight and bias, BN weight and bias
     exempt = train.build_optimizer(model, SolverConfig(no_decay_bias_norm=True), lr=0.1)
     assert [(g["weight_decay"], len(g["params"])) for g in exempt.param_groups] == [(1e-4, 1), (0.0, 3)]
+
+
+def test_resume_into_another_model_is_refused_naming_the_settings(tiny_train_shards, tmp_path):
+    out = tmp_path / "run"
+    train.run(_cfg(tiny_train_shards, out, "train.max_iters=1", "data.val_path="), DistContext())
+    # The same directory with a narrower box head: one line naming the parameter and the setting,
+    # not load_state_dict's traceback (every rank printed one before).
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        train.run(_cfg(tiny_train_shards, out, "train.max_iters=2", "data.val_path=", "model.box_fc_dim=64"),
+                  DistContext())
+    message = str(refused.value)
+    assert message.startswith(f"{out / 'checkpoints' / 'ckpt_00000001.pt'} holds another model"), message
+    assert "roi_heads.box_head.fc6.weight is [128, 12544] there, [64, 12544] here" in message
+    assert "model.box_fc_dim=128 there, 64 here" in message and "\n" not in message
+    assert [r["iter"] for r in read_log(out / "log.jsonl", "train")] == [1]  # nothing trained, nothing lost
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["ckpt_00000001.pt"]
