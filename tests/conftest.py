@@ -8,7 +8,6 @@ import pytest
 
 from data_prep import synthetic
 
-ROOT = Path(__file__).resolve().parent.parent
 # Tests start more MPI ranks than this machine has cores: a rank waiting in MPI yields its core (Open MPI
 # does so by itself only when told it oversubscribes). Every launcher a test starts inherits it.
 os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
@@ -28,15 +27,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)  # stable: the order within a file is kept
 
 
-def make_synthetic_shards(out: Path, images: int, size: str, seed: int, split: str = "train") -> Path:
-    """data_prep.synthetic then data_prep.coco_to_hdf5, as a user runs them; returns the shard dir."""
-    return synthetic.make_shards(out, images, size, seed, split)
-
-
 @pytest.fixture(scope="session")
 def tiny_train_shards(tmp_path_factory) -> Path:
     """16 images of 128x96 (some portrait), 5 classes with non-contiguous COCO ids."""
-    return make_synthetic_shards(tmp_path_factory.mktemp("tiny_train"), 16, "128x96", seed=3)
+    return synthetic.make_shards(tmp_path_factory.mktemp("tiny_train"), 16, "128x96", seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
+from data_prep import synthetic
 from hvd_megdet import checkpoint, comm, stop, train
 from hvd_megdet.config import ModelConfig
 from hvd_megdet.metrics import read_log
 from hvd_megdet.model import build_model
-from tests.conftest import make_synthetic_shards
 from tests.mpirun import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +251,7 @@ def test_training_leaves_no_worker_process_behind(tiny_train_shards, tmp_path):
     # The DataLoader's persistent workers ignore SIGTERM (train._ignore_sigterm). A loader still
     # alive at interpreter exit made multiprocessing's exit handler send them SIGTERM and join them
     # forever: `make demo`'s rank 0 hung after training and evaluating. train.run now stops them itself.
-    val = make_synthetic_shards(tmp_path / "val", 4, "128x96", seed=5, split="val")
+    val = synthetic.make_shards(tmp_path / "val", 4, "128x96", seed=5, split="val")
     results = run_ranks("tests.test_train:_workers_left_worker", np=2,
                         args=(str(tiny_train_shards), str(val), str(tmp_path / "run")), timeout=300)
     assert results == [(0, []), (0, [])]

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_synthetic_shards
+from data_prep import synthetic
 
 
 @pytest.fixture(scope="session")
 def slurm_shards(tmp_path_factory) -> Path:
     """128 synthetic 64x48 images: 32 iterations per epoch at 2 nodes x 2 ranks x 1 image, so that every
     job stops, saves and resumes inside the first epoch (no epoch-end checkpoint in between)."""
-    return make_synthetic_shards(tmp_path_factory.mktemp("slurm_data"), 128, "64x48", seed=0)
+    return synthetic.make_shards(tmp_path_factory.mktemp("slurm_data"), 128, "64x48", seed=0)
 
 
 # --- PBS (issue 20): a real OpenPBS on the hosts of the session's cluster (tests/jobs/pbs_cluster.py) ---
@@ -41,4 +41,4 @@ def pbs(cluster):
 def pbs_shards(pbs) -> Path:
     """64 synthetic 64x48 images where the job user can read them: 16 iterations per epoch at 2 hosts
     x 2 ranks x 1 image (the PBS jobs train 8, inside the first epoch)."""
-    return make_synthetic_shards(pbs.workdir("data"), 64, "64x48", seed=0)
+    return synthetic.make_shards(pbs.workdir("data"), 64, "64x48", seed=0)
